@@ -1,0 +1,72 @@
+"""Logs a grid of validation images with their captions (and the model's outputs, when it has any) to TensorBoard."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import torch
+from lightning import Callback, LightningModule, Trainer
+from PIL import Image, ImageDraw
+
+from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD
+
+
+class SampleImageLogger(Callback):
+    """At the end of each validation, draws the first `num_samples` images of the first val batch.
+
+    Under each image: its caption, the sample's prompt -> target, and, if the module defines
+    ``sample_outputs(batch) -> list[str]`` (generated captions, answers), what the model produced.
+    """
+
+    def __init__(self, num_samples: int = 8, tile: int = 160) -> None:
+        self.num_samples, self.tile = num_samples, tile
+        self._batch: dict | None = None
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0:
+            self._batch = {k: v[: self.num_samples] if isinstance(v, (torch.Tensor, list)) else v
+                           for k, v in batch.items()}
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        batch, self._batch = self._batch, None
+        writer = getattr(trainer.logger, "experiment", None)
+        if batch is None or trainer.sanity_checking or not hasattr(writer, "add_image"):
+            return
+        outputs = pl_module.sample_outputs(batch) if hasattr(pl_module, "sample_outputs") else None
+        images = denormalize(batch["pixel_values"], getattr(pl_module, "image_mean", None) or CLIP_MEAN,
+                             getattr(pl_module, "image_std", None) or CLIP_STD)
+        lines = [describe(meta, outputs[i] if outputs else None) for i, meta in enumerate(batch["meta"])]
+        grid = captioned_grid(images, lines, self.tile)
+        writer.add_image("samples", np.asarray(grid), trainer.global_step, dataformats="HWC")
+        writer.add_text("samples", "\n\n".join(f"{i}: {line}" for i, line in enumerate(lines)), trainer.global_step)
+
+
+def denormalize(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
+    """Normalised (B, 3, H, W) pixels back to PIL images."""
+    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    arrays = ((pixels.float() * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def describe(meta: dict, output: str | None) -> str:
+    """The text shown under one image."""
+    text = meta.get("caption", "")
+    if meta.get("task") not in (None, "caption", "contrastive"):
+        text += f" | {meta['prompt']} -> {meta['target']}"
+    return text + (f" | model: {output}" if output is not None else "")
+
+
+def captioned_grid(images: list[Image.Image], lines: list[str], tile: int, columns: int = 4) -> Image.Image:
+    """Images upscaled to `tile` pixels with their wrapped text beneath, laid out in a grid."""
+    text_height = 80
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * tile, rows * (tile + text_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, line) in enumerate(zip(images, lines)):
+        x, y = (i % columns) * tile, (i // columns) * (tile + text_height)
+        grid.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 2, y + tile + 2), "\n".join(textwrap.wrap(line, 26)[:6]), fill="black")
+    return grid

@@ -1,0 +1,72 @@
+"""Tokenise formatted examples and collate them into the batch dict every paradigm consumes.
+
+Text layout: ``[BOS] prompt target [EOS]`` (``[CLS] ... [SEP]`` for tokenizers without BOS/EOS, as BERT).
+Labels are an unshifted copy of the ids on ``target [EOS]`` and -100 elsewhere; the causal shift happens
+in exactly one place, the LM loss. Contrastive examples carry no labels at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lightning_vlm.data.tasks import TextExample
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """One prepared sample: normalised pixels, its text pair, and metadata kept for evaluation and logging."""
+
+    pixel_values: torch.Tensor
+    text: TextExample
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Collator:
+    """Turns a list of `Example` into the batch dict (see the DataModule docs for its fields)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        tok = self.tokenizer
+        self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        self.end_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.end_id
+        if self.pad_id is None:
+            raise ValueError(f"tokenizer {tok.name_or_path!r} has no pad, eos or sep token to pad with")
+
+    def __call__(self, examples: list[Example], num_skipped: int = 0, num_read_errors: int = 0) -> dict:
+        rows = [self.encode(ex.text) for ex in examples]
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention_mask[i, : len(ids)] = 1
+        return {
+            "pixel_values": torch.stack([ex.pixel_values for ex in examples]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "meta": [dict(ex.meta, task=ex.text.task, prompt=ex.text.prompt, target=ex.text.target) for ex in examples],
+            "num_skipped": num_skipped,
+            "num_read_errors": num_read_errors,
+        }
+
+    def encode(self, text: TextExample) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one example, truncated to `max_length` (the end token is kept)."""
+        prompt = self.tokenizer.encode(text.prompt, add_special_tokens=False) if text.prompt else []
+        target = self.tokenizer.encode(text.target, add_special_tokens=False) + [self.end_id]
+        ids = ([self.start_id] + prompt + target)[: self.max_length - 1]
+        ids = ids + [self.end_id] if ids[-1] != self.end_id else ids
+        supervised = text.task != "contrastive"
+        labels = [IGNORE_INDEX] * (1 + len(prompt)) + (target if supervised else [IGNORE_INDEX] * len(target))
+        return ids, labels[: len(ids)]

@@ -1,0 +1,177 @@
+"""ShardDataModule: streams webdataset shards into the batch dict every paradigm consumes.
+
+Batch fields: ``pixel_values`` (B, 3, H, W) normalised; ``input_ids``, ``attention_mask``, ``labels`` (B, L)
+with labels -100 wherever no loss applies; ``meta`` (list of per-sample dicts: key, task, caption, prompt,
+target, objects, qa, hard_negatives, flipped); ``num_skipped`` / ``num_read_errors`` (bad data this batch's
+worker dropped since its previous batch, logged by `BadDataLogger`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lightning_vlm.data.collate import Collator
+from lightning_vlm.data.sources import ShardSource, as_sources
+from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
+from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
+from lightning_vlm.data.tasks import TaskFormatter, location_tokens
+from lightning_vlm.data.tokenizer import load_tokenizer
+from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+
+log = logging.getLogger(__name__)
+
+
+class ShardDataModule(LightningDataModule):
+    """Train/val/test/predict streams over a dataset root (``dataset.json`` + split folders) or explicit shards.
+
+    Args:
+        root: dataset root; the default synthetic benchmark is generated here when missing.
+        train: shards for training instead of ``root``'s train split: a pattern, a directory, or a list of
+            `ShardSource` (``shards``, ``weight``, ``split``) mixed by weight.
+        val_splits / test_splits: splits of ``root`` evaluated, in order (each its own dataloader).
+        tasks: task mixture for training, e.g. ``{caption: 1, vqa: 1}``; ``eval_tasks`` for evaluation.
+        tokenizer: a tokenizer name or path; None takes the model's declared tokenizer, else ``root``'s.
+        samples_per_epoch: training samples per rank per epoch (shards repeat); derived from the manifest
+            under DDP so every rank runs the same number of steps.
+        image_mean / image_std: None takes the model's (its vision backbone's) statistics, else CLIP's.
+    """
+
+    def __init__(
+        self,
+        root: str = str(DEFAULT_ROOT),
+        train: str | list[str] | list[ShardSource] | None = None,
+        val_splits: list[str] = ["val"],  # noqa: B006 - jsonargparse needs a literal default
+        test_splits: list[str] = ["test", "compositional"],  # noqa: B006
+        tasks: dict[str, float] = {"caption": 1.0},  # noqa: B006
+        eval_tasks: dict[str, float] | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        image_size: int = 64,
+        hflip: float = 0.0,
+        crop_scale: tuple[float, float] | None = None,
+        image_mean: tuple[float, float, float] | None = None,
+        image_std: tuple[float, float, float] | None = None,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        resampled: bool = False,
+        caption_prompt: str = "",
+        loc_bins: int = 32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.val_names, self.test_names = list(val_splits), list(test_splits)
+
+    def prepare_data(self) -> None:
+        """Generate the default synthetic benchmark if a recipe points at it and it is missing."""
+        ensure_default_benchmark(self.hparams.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.tokenizer = self._resolve_tokenizer()
+        if self.hparams.tasks.get("grounding") and self.tokenizer.convert_tokens_to_ids("<loc_00>") in (
+            None,
+            self.tokenizer.unk_token_id,
+        ):
+            raise ValueError("grounding needs location tokens in the tokenizer: use add_location_tokens()")
+
+    def train_dataloader(self) -> DataLoader:
+        sources = as_sources(self.hparams.train, "train") or [ShardSource(self.hparams.root, split="train")]
+        config = StreamConfig(
+            batch_size=self.hparams.batch_size,
+            shuffle_buffer=self.hparams.shuffle_buffer,
+            samples_per_epoch=self._samples_per_epoch(sources),
+            resampled=self.hparams.resampled,
+            drop_last=True,
+            seed=self.hparams.seed,
+        )
+        return self._loader(sources, self.hparams.tasks, config, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.eval_loader(split) for split in self.val_names]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self.eval_loader(split) for split in self.test_names]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.test_names[0])
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """One deterministic pass over a split of ``root`` (no shuffle, no flip, every sample once)."""
+        config = StreamConfig(batch_size=self.hparams.eval_batch_size or self.hparams.batch_size, seed=self.hparams.seed)
+        tasks = self.hparams.eval_tasks or self.hparams.tasks
+        return self._loader([ShardSource(self.hparams.root, split=split)], tasks, config, train=False)
+
+    def _loader(self, sources: list[ShardSource], tasks: dict, config: StreamConfig, train: bool) -> DataLoader:
+        if self.tokenizer is None:
+            self.setup()
+        mean, std = self._image_stats()
+        transform = ImageTransform(
+            self.hparams.image_size,
+            mean,
+            std,
+            hflip=self.hparams.hflip if train else 0.0,
+            crop_scale=self.hparams.crop_scale if train else None,
+        )
+        formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins)
+        collate = Collator(self.tokenizer, self.hparams.max_length)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
+        return make_loader(stream, self.hparams.num_workers)
+
+    def _samples_per_epoch(self, sources: list[ShardSource]) -> int | None:
+        """The explicit epoch size per rank; under DDP derived from the manifest so ranks stay in step."""
+        if self.hparams.samples_per_epoch is not None or self.hparams.resampled:
+            return self.hparams.samples_per_epoch or _require_count(sources)
+        world = self.trainer.world_size if self.trainer else 1
+        return _require_count(sources) // world if world > 1 else None
+
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.hparams.tokenizer:
+            return load_tokenizer(self.hparams.tokenizer)
+        declared = getattr(self._model(), "tokenizer", None)
+        if isinstance(declared, PreTrainedTokenizerBase):
+            return declared
+        tokenizer = load_tokenizer(self.hparams.root)
+        if self.hparams.tasks.get("grounding"):
+            add_location_tokens(tokenizer, self.hparams.loc_bins)
+        return tokenizer
+
+    def _image_stats(self) -> tuple[tuple, tuple]:
+        model = self._model()
+        mean = self.hparams.image_mean or getattr(model, "image_mean", None) or CLIP_MEAN
+        std = self.hparams.image_std or getattr(model, "image_std", None) or CLIP_STD
+        return tuple(mean), tuple(std)
+
+    def _model(self):
+        return self.trainer.lightning_module if self.trainer is not None else None
+
+
+def add_location_tokens(tokenizer: PreTrainedTokenizerBase, bins: int) -> int:
+    """Add the grounding vocabulary to a tokenizer (models must size embeddings from ``len(tokenizer)``)."""
+    return tokenizer.add_tokens(location_tokens(bins))
+
+
+def _require_count(sources: list[ShardSource]) -> int:
+    counts = [source.num_samples() for source in sources]
+    if None in counts:
+        raise ValueError("set samples_per_epoch: the shard sources have no dataset.json with sample counts")
+    return sum(counts)
+
+
+def ensure_default_benchmark(root: str | Path) -> None:
+    """Generate the synthetic benchmark at its default place if that is where `root` points and it is absent."""
+    root = Path(root)
+    if root.resolve() != DEFAULT_ROOT.resolve() or (root / "dataset.json").is_file():
+        return
+    log.warning("default data %s is missing: generating the synthetic benchmark there first", root)
+    print(f"[lightning_vlm] {root} is missing: generating the synthetic benchmark there first")
+    generate_benchmark(root)

@@ -1,0 +1,76 @@
+"""Where shards come from: brace patterns, directories, dataset roots with a manifest, weighted mixtures."""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import braceexpand
+
+MANIFEST = "dataset.json"
+
+
+@dataclass
+class ShardSource:
+    """One stream of shards and its sampling weight in a mixture.
+
+    ``shards`` is a brace pattern (``data/cc/shard-{000000..000099}.tar``), a directory of ``*.tar``,
+    a dataset root holding ``dataset.json`` (then ``split`` picks the sub-list), or a list of any of these.
+    """
+
+    shards: str | list[str]
+    weight: float = 1.0
+    split: str | None = None
+
+    def urls(self) -> list[str]:
+        """The expanded, sorted-per-pattern list of shard paths."""
+        patterns = [self.shards] if isinstance(self.shards, str) else list(self.shards)
+        urls = [url for pattern in patterns for url in expand_shards(pattern, self.split)]
+        if not urls:
+            raise FileNotFoundError(f"no shards found for {self.shards!r} (split {self.split!r})")
+        return urls
+
+    def num_samples(self) -> int | None:
+        """Sample count from the manifest, when the source is a dataset root that has one."""
+        if not isinstance(self.shards, str):
+            return None
+        manifest = read_manifest(self.shards)
+        if manifest is None or self.split is None:
+            return None
+        return manifest.get("counts", {}).get(self.split)
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    """The ``dataset.json`` of a dataset root, or None when the path is not one."""
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def expand_shards(pattern: str, split: str | None = None) -> list[str]:
+    """Expand one shard specification into paths (see :class:`ShardSource`)."""
+    path = Path(pattern)
+    manifest = read_manifest(path)
+    if manifest is not None:
+        if split is None:
+            raise ValueError(f"{pattern} is a dataset root; name a split among {sorted(manifest['splits'])}")
+        if split not in manifest["splits"]:
+            raise KeyError(f"split {split!r} not in {pattern}; it has {sorted(manifest['splits'])}")
+        return [str(path / shard) for shard in manifest["splits"][split]]
+    if path.is_dir():
+        subdir = path / split if split and (path / split).is_dir() else path
+        return sorted(str(p) for p in subdir.glob("*.tar"))
+    return [url for expanded in braceexpand.braceexpand(pattern) for url in sorted(glob.glob(expanded)) or [expanded]]
+
+
+def as_sources(spec: str | list | ShardSource | list[ShardSource] | None, split: str) -> list[ShardSource]:
+    """Normalise what a recipe wrote (a path, a list of paths, or ShardSources) into ShardSources."""
+    if spec is None:
+        return []
+    if isinstance(spec, (str, ShardSource)):
+        spec = [spec]
+    if all(isinstance(item, str) for item in spec):
+        return [ShardSource(list(spec), split=split)]
+    sources = [s if isinstance(s, ShardSource) else ShardSource(**s) for s in spec]
+    return [s if s.split is not None else replace(s, split=split) for s in sources]

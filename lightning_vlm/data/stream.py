@@ -1,0 +1,158 @@
+"""The per-consumer streaming pipeline: read -> mix sources -> shuffle -> decode -> transform -> format -> batch.
+
+Batching happens inside the stream (the DataLoader gets ``batch_size=None``) so each worker knows exactly
+how many batches it owes: with `samples_per_epoch` set, every rank yields the same number of steps.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lightning_vlm.data.collate import Collator, Example
+from lightning_vlm.data.reading import BadDataCounter, Consumer, RawSample, consumer_samples, decode, repeated, resampled
+from lightning_vlm.data.sources import ShardSource
+from lightning_vlm.data.tasks import TaskFormatter
+from lightning_vlm.data.transforms import ImageTransform
+
+
+@dataclass
+class StreamConfig:
+    """How one split is streamed. `samples_per_epoch` is per rank; None means one pass over the shards."""
+
+    batch_size: int = 32
+    shuffle_buffer: int = 0
+    samples_per_epoch: int | None = None
+    resampled: bool = False
+    drop_last: bool = False
+    seed: int = 0
+
+
+class ShardStream(IterableDataset):
+    """An IterableDataset of collated batches for one rank; workers of the rank share its epoch."""
+
+    def __init__(
+        self,
+        sources: list[ShardSource],
+        transform: ImageTransform,
+        formatter: TaskFormatter,
+        collate: Collator,
+        config: StreamConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.urls = [source.urls() for source in sources]
+        self.weights = [source.weight for source in sources]
+        self.transform, self.formatter, self.collate, self.config = transform, formatter, collate, config
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per rank, when the epoch has an explicit size."""
+        if self.config.samples_per_epoch is None:
+            raise TypeError("this stream has no fixed length: set samples_per_epoch")
+        return self.config.samples_per_epoch // self.config.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        consumer = Consumer(self.rank, self.world_size, worker.id if worker else 0, worker.num_workers if worker else 1)
+        rng = random.Random(f"{self.config.seed}-{self.epoch}-{consumer.index}")
+        counter = BadDataCounter()
+        raw = self._mixed(consumer, counter, rng)
+        if self.config.shuffle_buffer > 1:
+            raw = _shuffled(raw, self.config.shuffle_buffer, rng)
+        examples = (ex for ex in (self._prepare(r, counter, rng) for r in raw) if ex is not None)
+        batches = self._batched(examples, counter)
+        if self.config.samples_per_epoch is not None:
+            batches = _take(batches, _share(len(self), consumer))
+        return batches
+
+    def _mixed(self, consumer: Consumer, counter: BadDataCounter, rng: random.Random) -> Iterator[dict]:
+        """Raw samples of all sources, drawn by weight while more than one source still has samples."""
+        streams, weights = [self._read(urls, consumer, counter) for urls in self.urls], list(self.weights)
+        while streams:
+            i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+            sample = next(streams[i], None)
+            if sample is None:
+                del streams[i], weights[i]
+            else:
+                yield sample
+
+    def _read(self, urls: list[str], consumer: Consumer, counter: BadDataCounter) -> Iterator[dict]:
+        seed = f"{self.config.seed}-{self.epoch}"
+        if self.config.resampled:
+            return resampled(urls, consumer, counter, seed)
+        if self.config.samples_per_epoch is not None:
+            return repeated(urls, consumer, counter, seed)
+        return consumer_samples(urls, consumer, counter)
+
+    def _prepare(self, raw: dict, counter: BadDataCounter, rng: random.Random) -> Example | None:
+        sample: RawSample | None = decode(raw, counter)
+        if sample is None:
+            return None
+        pixels, sample, flipped = self.transform(sample, rng)
+        text = self.formatter(sample, self.transform.image_size, rng)
+        meta = dict(sample.info, key=sample.key, caption=sample.caption, flipped=flipped, **text.extra)
+        return Example(pixels, text, meta)
+
+    def _batched(self, examples: Iterator[Example], counter: BadDataCounter) -> Iterator[dict]:
+        """Full batches, each held back until the next example is read so trailing skips are still reported."""
+        batch: list[Example] = []
+        ready: list[Example] | None = None
+        for example in examples:
+            if ready:
+                yield self.collate(ready, *counter.take())
+                ready = None
+            batch.append(example)
+            if len(batch) == self.config.batch_size:
+                ready, batch = batch, []
+        last = ready or (batch if not self.config.drop_last else None)  # a held batch leaves no partial one
+        if last:
+            yield self.collate(last, *counter.take())
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that advances its stream's epoch each time it is iterated, so each epoch reshuffles.
+
+    Lightning sets the epoch of samplers only, and an IterableDataset has none; workers receive a fresh copy of
+    the stream (with the new epoch) whenever iteration starts.
+    """
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        self.dataset.epoch += 1
+        return iterator
+
+
+def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    """A loader over pre-batched streams: no sampler, no re-batching, workers restarted every epoch."""
+    return EpochLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """A reservoir shuffle buffer: fill to `size`, then emit a random resident for each new arrival."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _share(total: int, consumer: Consumer) -> int:
+    """This worker's part of its rank's `total` batches (the first workers take the remainder)."""
+    per_rank_workers = consumer.num_workers
+    return total // per_rank_workers + (consumer.worker < total % per_rank_workers)
+
+
+def _take(items: Iterator, n: int) -> Iterator:
+    for _, item in zip(range(n), items):
+        yield item

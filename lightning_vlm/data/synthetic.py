@@ -1,0 +1,144 @@
+"""Generate the synthetic benchmark: webdataset shards per split, a tokenizer and a manifest (see CONTRACTS.md).
+
+Each sample is seeded from (seed, split, index) and tar members carry a fixed mtime, so a seed always gives the
+same bytes whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from webdataset import TarWriter
+
+from lightning_vlm.data.language import caption, hard_negatives, questions
+from lightning_vlm.data.render import encode_jpeg, render
+from lightning_vlm.data.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, sample_scene
+from lightning_vlm.data.tokenizer import FILE_NAME, train_tokenizer
+
+VERSION = "synthetic-v1"
+DEFAULT_ROOT = Path("data/synthetic")
+DEFAULT_SIZES: Mapping[str, int] = MappingProxyType({"train": 50000, "val": 1000, "test": 1000, "compositional": 1000})
+COMPOSITIONAL = "compositional"  # the split whose every scene holds a held-out colour-shape pair
+TOKENIZER_SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class _Shard:
+    root: Path
+    split: str
+    index: int
+    start: int
+    stop: int
+    seed: int
+    image_size: int
+    with_text: bool
+
+    @property
+    def name(self) -> str:
+        """Path relative to the dataset root, as listed in the manifest."""
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+
+def generate_benchmark(
+    out: str | Path = DEFAULT_ROOT,
+    sizes: Mapping[str, int] = DEFAULT_SIZES,
+    seed: int = 0,
+    image_size: int = 64,
+    with_text: bool = True,
+    samples_per_shard: int = 1000,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Write every split's shards, train the tokenizer on the train text, and return the manifest.
+
+    `num_workers` processes write shards in parallel (None: one per CPU; 0 or 1: in this process).
+    """
+    root = Path(out)
+    shards = [
+        _Shard(root, split, k, start, min(start + samples_per_shard, n), seed, image_size, with_text)
+        for split, n in sizes.items()
+        for k, start in enumerate(range(0, n, samples_per_shard))
+    ]
+    for split in sizes:
+        (root / split).mkdir(parents=True, exist_ok=True)
+    texts: dict[str, list[str]] = {split: [] for split in sizes}
+    began = time.perf_counter()
+    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    for shard, shard_texts in _map(_write_shard, shards, workers):
+        texts[shard.split] += shard_texts
+        if shard.stop == sizes[shard.split]:
+            elapsed = time.perf_counter() - began
+            print(f"{shard.split}: {shard.stop} samples in {shard.index + 1} shards ({elapsed:.1f}s)", flush=True)
+    all_texts = [t for split_texts in texts.values() for t in split_texts]
+    train_tokenizer(texts.get(TOKENIZER_SPLIT) or all_texts, root / FILE_NAME)
+    manifest = {
+        "version": VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "with_text": with_text,
+        "counts": dict(sizes),
+        "splits": {split: [s.name for s in shards if s.split == split] for split in sizes},
+        "tokenizer": FILE_NAME,
+        "colors": list(COLORS),
+        "shapes": list(SHAPES),
+        "sizes": list(SIZES),
+        "words": list(WORDS),
+        "held_out_combinations": [list(pair) for pair in HELD_OUT],
+    }
+    (root / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {sum(sizes.values())} samples and {FILE_NAME} to {root} ({time.perf_counter() - began:.1f}s)")
+    return manifest
+
+
+def make_sample(seed: int, split: str, index: int, image_size: int = 64, with_text: bool = True) -> dict[str, Any]:
+    """One webdataset sample (`__key__`, `jpg`, `txt`, `json` as bytes), a pure function of its arguments."""
+    rng = random.Random(f"{seed}/{split}/{index}")
+    scene = sample_scene(rng, image_size, with_text, compositional=split == COMPOSITIONAL)
+    text = caption(scene)
+    record = {
+        "objects": [asdict(obj) for obj in scene.objects],
+        "word": scene.word,
+        "word_box": scene.word_box,
+        "caption": text,
+        "qa": questions(scene, rng),
+        "hard_negatives": hard_negatives(scene, rng),
+        "image_size": [image_size, image_size],
+    }
+    return {
+        "__key__": f"{split}-{index:07d}",
+        "jpg": encode_jpeg(render(scene)),
+        "txt": text.encode(),
+        "json": json.dumps(record).encode(),
+    }
+
+
+def _write_shard(shard: _Shard) -> tuple[_Shard, list[str]]:
+    """Write one shard; return it with its text (captions, questions, answers, hard negatives) for the tokenizer."""
+    texts = []
+    with open(shard.root / shard.name, "wb") as stream, TarWriter(stream, encoder=False, mtime=0) as writer:
+        for index in range(shard.start, shard.stop):
+            sample = make_sample(shard.seed, shard.split, index, shard.image_size, shard.with_text)
+            writer.write(sample)
+            record = json.loads(sample["json"])
+            texts.append(record["caption"])
+            texts += [s for qa in record["qa"] for s in (qa["question"], qa["answer"])]
+            texts += [neg["caption"] for neg in record["hard_negatives"]]
+    return shard, texts
+
+
+def _map(fn: Any, items: list[_Shard], workers: int) -> Iterator[tuple[_Shard, list[str]]]:
+    """`fn` over `items` in order, in `workers` processes when more than one is asked for."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork skips re-importing
+    with multiprocessing.get_context(method).Pool(min(workers, len(items))) as pool:
+        yield from pool.imap(fn, items)

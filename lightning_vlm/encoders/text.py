@@ -1,0 +1,71 @@
+"""Text encoder: a BERT-style transformers encoder, pretrained by name/path or built from a small config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import transformers
+from torch import Tensor, nn
+
+TINY_BERT: dict[str, Any] = {
+    "model_type": "bert",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+}
+
+
+@dataclass
+class TextOutput:
+    """tokens: (B, L, D) last hidden states (padding positions included); pooled: (B, D)."""
+
+    tokens: Tensor
+    pooled: Tensor
+
+
+class TextEncoder(nn.Module):
+    """`AutoModel.from_pretrained(name_or_path)` or `AutoModel.from_config(config)`, pooled by [CLS] or masked mean.
+
+    `vocab_size` comes from the tokenizer (the caller passes it): it sizes a model built from config and
+    resizes a pretrained model's embeddings when it differs. `config` keys update TINY_BERT ("model_type" included).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        pooling: Literal["cls", "mean"] = "cls",
+    ) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.pooling = pooling
+        if name_or_path is not None:
+            if config is not None:
+                raise ValueError("give either name_or_path or config, not both")
+            self.model = transformers.AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
+            if vocab_size is not None and vocab_size != self.model.config.vocab_size:
+                self.model.resize_token_embeddings(vocab_size)
+        else:
+            if vocab_size is None:
+                raise ValueError("vocab_size (from the tokenizer) is required to build a text encoder from config")
+            kwargs = {**TINY_BERT, **(config or {}), "vocab_size": vocab_size}
+            hf_config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+            self.model = transformers.AutoModel.from_config(hf_config, add_pooling_layer=False)
+
+    @property
+    def width(self) -> int:
+        """Hidden size D of tokens and pooled vector."""
+        return self.model.config.hidden_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextOutput:
+        """Encode (B, L) token ids; padding (attention_mask 0) is ignored by attention and by mean pooling."""
+        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return TextOutput(tokens, tokens[:, 0])
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return TextOutput(tokens, (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0))

@@ -1,0 +1,85 @@
+"""Image encoder: any timm backbone by name, returning token features and a pooled vector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class VisionOutput:
+    """Features of one batch of images.
+
+    tokens: (B, P + N, D) every token of the final layer, prefix (cls/register) tokens first; extra tokens excluded.
+    patch_tokens: (B, N, D) the same without the P prefix tokens.
+    pooled: (B, D) timm's pooled pre-logits vector (cls token or average, as the backbone defines).
+    extra_tokens: (B, K, D) outputs at the K appended learnable tokens (Llip's mixture tokens), or None.
+    """
+
+    tokens: Tensor
+    patch_tokens: Tensor
+    pooled: Tensor
+    extra_tokens: Tensor | None = None
+
+
+class VisionEncoder(nn.Module):
+    """A timm model without classifier; optionally ViT-style with K extra learnable tokens (Llip).
+
+    `overrides` go to `timm.create_model` (img_size, patch_size, depth, embed_dim, num_heads, ...),
+    so tiny test configs and pretrained backbones share one class.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_tiny_patch16_224",
+        pretrained: bool = False,
+        num_extra_tokens: int = 0,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **overrides)
+        self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
+        self.extra_tokens: nn.Parameter | None = None
+        if num_extra_tokens:
+            missing = [a for a in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm")
+                       if not hasattr(self.model, a)]
+            if missing:
+                raise ValueError(f"num_extra_tokens needs a ViT-style timm model; {name!r} lacks {missing}")
+            self.extra_tokens = nn.Parameter(torch.randn(1, num_extra_tokens, self.width) * 0.02)
+
+    @property
+    def width(self) -> int:
+        """Feature dimension D of tokens and pooled vector."""
+        return self.model.num_features
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's preprocessing config (mean, std, interpolation, ...); input_size follows an img_size override."""
+        config = timm.data.resolve_model_data_config(self.model)
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            config["input_size"] = (config["input_size"][0], *img_size)
+        return config
+
+    def forward(self, pixel_values: Tensor) -> VisionOutput:
+        """Encode (B, 3, H, W) images into tokens and a pooled vector."""
+        if self.extra_tokens is None:
+            features, extra = self.model.forward_features(pixel_values), None
+        else:
+            features, extra = self._forward_with_extra_tokens(pixel_values)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # CNN maps -> (B, HW, C)
+        return VisionOutput(tokens, tokens[:, self.num_prefix_tokens:], pooled, extra)
+
+    def _forward_with_extra_tokens(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """timm ViT's forward_features with the extra tokens appended after position embedding (they carry none)."""
+        m = self.model
+        x = m.patch_drop(m._pos_embed(m.patch_embed(pixel_values)))
+        x = torch.cat([x, self.extra_tokens.expand(x.shape[0], -1, -1)], dim=1)
+        x = m.norm(m.blocks(m.norm_pre(x)))
+        k = self.extra_tokens.shape[1]
+        return x[:, :-k], x[:, -k:]

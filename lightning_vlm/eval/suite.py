@@ -1,0 +1,125 @@
+"""The paradigm-agnostic evaluation suite for image-text scoring models: retrieval, zero-shot, attribute binding.
+
+Any model with ``encode_images`` / ``encode_texts`` / ``similarity`` (CONTRACTS.md) is scored the same way.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_vlm.eval.binding import binding_accuracy
+from lightning_vlm.eval.retrieval import retrieval_recall
+from lightning_vlm.eval.zero_shot import (
+    COLOR_TEMPLATES,
+    SHAPE_TEMPLATES,
+    Repr,
+    Tokenize,
+    concat_reprs,
+    device_of,
+    encode_texts,
+    paired_similarity,
+    select_rows,
+    similarity_matrix,
+    zero_shot_accuracy,
+)
+
+
+class ContrastiveEvaluator:
+    """Accumulates image representations and sample metas over an eval loader; ``compute`` scores them all at once.
+
+    Representations stay on the model's device (``max_samples`` bounds them) and must be a Tensor or a tuple of
+    Tensors batched along dim 0; text representations are concatenated across chunks, so they must not depend on
+    the padded length. Colour and shape classes default to the values seen in the evaluated samples.
+    """
+
+    def __init__(
+        self,
+        tokenize: Tokenize,
+        max_samples: int | None = None,
+        colors: Sequence[str] | None = None,
+        shapes: Sequence[str] | None = None,
+        color_templates: Sequence[str] = COLOR_TEMPLATES,
+        shape_templates: Sequence[str] = SHAPE_TEMPLATES,
+        chunk_size: int = 256,
+    ) -> None:
+        self.tokenize = tokenize
+        self.max_samples = max_samples
+        self.classes = {"color": colors, "shape": shapes}
+        self.templates = {"color": color_templates, "shape": shape_templates}
+        self.chunk_size = chunk_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every accumulated sample."""
+        self.image_reprs: list[Repr] = []
+        self.metas: list[dict[str, Any]] = []
+
+    @torch.no_grad()
+    def update(self, model: Any, batch: dict[str, Any]) -> None:
+        """Encode a batch's images and keep them with the batch's metas, up to ``max_samples`` in all."""
+        room = len(batch["meta"]) if self.max_samples is None else self.max_samples - len(self.metas)
+        if room > 0:
+            self.image_reprs.append(model.encode_images(batch["pixel_values"][:room]))
+            self.metas.extend(batch["meta"][:room])
+
+    @torch.no_grad()
+    def compute(self, model: Any, split: str) -> dict[str, float]:
+        """Retrieval recall@1/5/10 both ways, zero-shot colour and shape accuracy (with the number of images
+        evaluated) and binding accuracy, keyed ``{split}/{name}``; parts the metas cannot support are left out."""
+        if not self.metas:
+            raise ValueError("ContrastiveEvaluator.compute called before any update")
+        images = concat_reprs(self.image_reprs)
+        captions = [meta["caption"] for meta in self.metas]
+        metrics = self._retrieval(model, images, captions)
+        metrics.update(self._binding(model, images))
+        for attribute in ("color", "shape"):
+            metrics.update(self._zero_shot(model, images, attribute))
+        return {f"{split}/{name}": value for name, value in metrics.items()}
+
+    def _retrieval(self, model: Any, images: Repr, captions: list[str]) -> dict[str, float]:
+        """Recall@K against the distinct captions: copies of one synthetic caption would otherwise fill a top K."""
+        distinct = list(dict.fromkeys(captions))
+        text_repr = encode_texts(model, self.tokenize, distinct, device_of(images), self.chunk_size)
+        return retrieval_recall(similarity_matrix(model, images, text_repr, self.chunk_size), captions, distinct)
+
+    def _binding(self, model: Any, images: Repr) -> dict[str, float]:
+        """Binding accuracy over every (image, hard negative) pair; the true and negative captions of a pair are
+        encoded and scored side by side, so a model blind to the swap ties exactly."""
+        pairs = [
+            (i, meta["caption"], neg["caption"], neg["kind"])
+            for i, meta in enumerate(self.metas)
+            for neg in meta.get("hard_negatives", [])
+        ]
+        if not pairs:
+            return {}
+        rows, true_captions, negatives, kinds = zip(*pairs)
+        texts = [text for pair in zip(true_captions, negatives) for text in pair]
+        text_repr = encode_texts(model, self.tokenize, texts, device_of(images), self.chunk_size)
+        image_rows = torch.tensor(rows, device=device_of(images)).repeat_interleave(2)
+        scores = paired_similarity(model, select_rows(images, image_rows), text_repr, self.chunk_size).view(-1, 2)
+        return binding_accuracy(scores[:, 0], scores[:, 1], kinds)
+
+    def _zero_shot(self, model: Any, images: Repr, attribute: str) -> dict[str, float]:
+        """Zero-shot accuracy on the images whose objects all share one value of ``attribute``, and their number."""
+        labels = [shared_value(meta.get("objects", []), attribute) for meta in self.metas]
+        rows = [i for i, label in enumerate(labels) if label is not None]
+        if not rows:
+            return {}
+        seen = sorted({obj[attribute] for meta in self.metas for obj in meta.get("objects", [])})
+        accuracy = zero_shot_accuracy(
+            model,
+            self.tokenize,
+            select_rows(images, torch.tensor(rows, device=device_of(images))),
+            [labels[i] for i in rows],
+            list(self.classes[attribute] or seen),
+            self.templates[attribute],
+            self.chunk_size,
+        )
+        return {f"zeroshot_{attribute}": accuracy, f"zeroshot_{attribute}_n": float(len(rows))}
+
+
+def shared_value(objects: Sequence[dict[str, Any]], attribute: str) -> str | None:
+    """The value of ``attribute`` shared by all ``objects``; None when they differ or there are none."""
+    values = {obj[attribute] for obj in objects}
+    return values.pop() if len(values) == 1 else None

@@ -1,0 +1,100 @@
+"""Zero-shot classification from prompt templates, for any model with the contrastive-style API (CONTRACTS.md).
+
+Scores, not text embeddings, are averaged over templates, because ``encode_texts`` need not return a plain
+normalised tensor (Llip conditions the image on the caption inside ``similarity``). The helpers below handle
+representations generically: a Tensor, or a tuple (or namedtuple) of Tensors, every one batched along dim 0.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy
+
+Repr = Tensor | tuple[Tensor, ...]
+Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
+
+# Worded like the synthetic captions ("a large red circle above a small blue square.").
+SHAPE_TEMPLATES = ("a {}.", "a photo of a {}.", "a {} shape.")
+COLOR_TEMPLATES = ("a {} object.", "a {} shape.", "something {}.")
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: Any,
+    tokenize: Tokenize,
+    image_repr: Repr,
+    targets: Sequence[str],
+    classes: Sequence[str],
+    templates: Sequence[str],
+    chunk_size: int = 256,
+) -> float:
+    """Accuracy of predicting each image's class as the argmax over classes of its score, averaged over templates."""
+    texts = [template.format(name) for template in templates for name in classes]
+    text_repr = encode_texts(model, tokenize, texts, device_of(image_repr), chunk_size)
+    scores = similarity_matrix(model, image_repr, text_repr, chunk_size)
+    class_scores = scores.unflatten(1, (len(templates), len(classes))).float().mean(dim=1)
+    target = torch.tensor([classes.index(name) for name in targets], device=scores.device)
+    return multiclass_accuracy(class_scores.argmax(dim=1), target, len(classes), average="micro").item()
+
+
+@torch.no_grad()
+def encode_texts(model: Any, tokenize: Tokenize, texts: Sequence[str], device: torch.device, chunk_size: int) -> Repr:
+    """Encode ``texts`` in chunks through ``tokenize`` and ``model.encode_texts``, concatenated along dim 0."""
+    reprs = []
+    for start in range(0, len(texts), chunk_size):
+        input_ids, attention_mask = tokenize(list(texts[start : start + chunk_size]))
+        reprs.append(model.encode_texts(input_ids.to(device), attention_mask.to(device)))
+    return concat_reprs(reprs)
+
+
+@torch.no_grad()
+def similarity_matrix(model: Any, image_repr: Repr, text_repr: Repr, chunk_size: int) -> Tensor:
+    """``model.similarity`` of every image with every text (N_img, N_txt), in chunks of images to bound memory."""
+    starts = range(0, num_rows(image_repr), chunk_size)
+    return torch.cat([model.similarity(select_rows(image_repr, slice(s, s + chunk_size)), text_repr) for s in starts])
+
+
+@torch.no_grad()
+def paired_similarity(model: Any, image_repr: Repr, text_repr: Repr, chunk_size: int) -> Tensor:
+    """Scores of aligned pairs, image i with text i (N,): the diagonal of ``similarity``, chunk by chunk."""
+    chunks = (slice(s, s + chunk_size) for s in range(0, num_rows(image_repr), chunk_size))
+    return torch.cat(
+        [model.similarity(select_rows(image_repr, c), select_rows(text_repr, c)).diagonal() for c in chunks]
+    )
+
+
+def concat_reprs(reprs: Sequence[Repr]) -> Repr:
+    """Concatenate batched representations along dim 0, part by part for tuples."""
+    return _rebuild(reprs[0], [torch.cat(parts) for parts in zip(*map(_parts, reprs))])
+
+
+def select_rows(repr: Repr, index: Tensor | slice) -> Repr:
+    """Rows ``index`` (dim 0) of a representation, part by part for tuples."""
+    return _rebuild(repr, [part[index] for part in _parts(repr)])
+
+
+def num_rows(repr: Repr) -> int:
+    """Batch size (dim 0) of a representation."""
+    return len(_parts(repr)[0])
+
+
+def device_of(repr: Repr) -> torch.device:
+    """Device of a representation (of its first part for tuples)."""
+    return _parts(repr)[0].device
+
+
+def _parts(repr: Repr) -> list[Tensor]:
+    """The tensors making up a representation; a clear error for anything else."""
+    parts = [repr] if isinstance(repr, Tensor) else list(repr) if isinstance(repr, tuple) else []
+    if not parts or not all(isinstance(part, Tensor) for part in parts):
+        raise TypeError(f"a representation must be a Tensor or a non-empty tuple of Tensors, got {type(repr).__name__}")
+    return parts
+
+
+def _rebuild(like: Repr, parts: list[Tensor]) -> Repr:
+    """A representation of the same kind as ``like`` (Tensor, tuple or namedtuple) made of ``parts``."""
+    if isinstance(like, Tensor):
+        return parts[0]
+    return type(like)(*parts) if hasattr(like, "_fields") else tuple(parts)

@@ -1,0 +1,174 @@
+"""Contrastive image-text models: a dual encoder (CLIP, SigLIP) and Llip's caption-conditioned image embedding.
+
+Both expose the eval API of CONTRACTS.md: encode_images, encode_texts, similarity (the training logits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_vlm.encoders import TextEncoder, VisionEncoder
+from lightning_vlm.losses.contrastive import scale_logits
+from lightning_vlm.losses.distributed import gather_with_grad
+
+
+@dataclass
+class ContrastiveOutput:
+    """image_emb, text_emb: (B, E) L2-normalised; logit_scale: log of the temperature t; logit_bias: b or None."""
+
+    image_emb: Tensor
+    text_emb: Tensor
+    logit_scale: Tensor
+    logit_bias: Tensor | None
+
+
+@dataclass
+class LlipOutput:
+    """logits: (B_local, B_global) scaled and biased, local images against the captions of every rank, in rank order."""
+
+    logits: Tensor
+    logit_scale: Tensor
+    logit_bias: Tensor | None
+
+
+class ContrastiveHeads(nn.Module):
+    """Linear maps of both towers into the shared space, plus the learnable log-scale (and SigLIP's bias)."""
+
+    def __init__(
+        self,
+        image_width: int,
+        text_width: int,
+        embed_dim: int,
+        logit_scale_init: float,
+        logit_bias_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_proj = nn.Linear(image_width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
+
+
+class DualEncoder(nn.Module):
+    """CLIP / SigLIP: pooled image and text features, projected and L2-normalised, scored by scaled dot product.
+
+    SigLIP: logit_scale_init=ln 10, logit_bias_init=-10. The scale is clamped to [0, ln 100] in `scale_logits`.
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        text: TextEncoder,
+        embed_dim: int = 64,
+        logit_scale_init: float = math.log(1 / 0.07),
+        logit_bias_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.vision = vision
+        self.text = text
+        self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> ContrastiveOutput:
+        """Embed both modalities of a batch of pairs; the loss gathers across ranks."""
+        return ContrastiveOutput(
+            self.encode_images(pixel_values),
+            self.encode_texts(input_ids, attention_mask),
+            self.heads.logit_scale,
+            self.heads.logit_bias,
+        )
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, E) normalised."""
+        return F.normalize(self.heads.image_proj(self.vision(pixel_values).pooled), dim=-1)
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(N, L) -> (N, E) normalised."""
+        return F.normalize(self.heads.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
+
+    def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
+        """(N_img, N_txt) logits exactly as the losses see them (sigmoid of them is SigLIP's match probability)."""
+        return scale_logits(image_repr @ text_repr.T, self.heads.logit_scale, self.heads.logit_bias)
+
+    def layer_groups(self) -> dict[str, nn.Module]:
+        """Named parts for staged freezing."""
+        return {"vision": self.vision, "text": self.text, "heads": self.heads}
+
+
+class MixtureCrossAttention(nn.Module):
+    """Llip's cross-attention: each caption embedding (query) weights the K mixture tokens (keys/values) of an image."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, mixture: Tensor, queries: Tensor) -> Tensor:
+        """mixture (I, K, E), queries (T, E) -> (I, T, E): one image embedding per (image, caption) pair."""
+        q = self.q(queries).unflatten(-1, (self.num_heads, -1))  # (T, h, d)
+        k = self.k(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
+        v = self.v(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
+        weights = (torch.einsum("thd,ikhd->ithk", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        return self.out(torch.einsum("ithk,ikhd->ithd", weights, v).flatten(-2))
+
+
+class Llip(nn.Module):
+    """Llip (Lavoie et al., 2024): K mixture tokens from the image encoder, mixed per caption by cross-attention.
+
+    The caption-conditioned image embedding is contrasted with the caption by the sigmoid loss (LlipLoss).
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        text: TextEncoder,
+        embed_dim: int = 64,
+        num_heads: int = 2,
+        logit_scale_init: float = math.log(10.0),
+        logit_bias_init: float = -10.0,
+    ) -> None:
+        super().__init__()
+        if vision.extra_tokens is None:
+            raise ValueError("Llip needs VisionEncoder(num_extra_tokens=K) to provide mixture tokens")
+        self.vision = vision
+        self.text = text
+        self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
+        self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads)
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> LlipOutput:
+        """Local images against the captions of all ranks (gathered with gradients): (B_local, B_global) logits."""
+        captions = gather_with_grad(self.encode_texts(input_ids, attention_mask))
+        logits = self.similarity(self.encode_images(pixel_values), captions)
+        return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, K, E) projected mixture tokens (not yet conditioned on a caption)."""
+        return self.heads.image_proj(self.vision(pixel_values).extra_tokens)
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(N, L) -> (N, E) normalised caption embeddings."""
+        return F.normalize(self.heads.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
+
+    def similarity(self, image_repr: Tensor, text_repr: Tensor, max_pairs: int = 2**20) -> Tensor:
+        """(N_img, N_txt) logits, conditioning every image on every caption; images in chunks of <= max_pairs pairs."""
+        chunk = max(1, max_pairs // max(1, text_repr.shape[0]))
+        cosine = torch.cat([self._cosine(part, text_repr) for part in image_repr.split(chunk)])
+        return scale_logits(cosine, self.heads.logit_scale, self.heads.logit_bias)
+
+    def _cosine(self, mixture: Tensor, captions: Tensor) -> Tensor:
+        """Cosine between each caption and the image embedding conditioned on that caption: (I, T)."""
+        image = F.normalize(self.mixture_attn(mixture, captions), dim=-1)
+        return torch.einsum("ite,te->it", image, captions)
+
+    def layer_groups(self) -> dict[str, nn.Module]:
+        """Named parts for staged freezing (the mixture tokens belong to "vision")."""
+        return {"vision": self.vision, "text": self.text, "heads": self.heads, "mixture_attn": self.mixture_attn}

@@ -1,0 +1,100 @@
+"""Contrastive losses against plain loop references, a hand-computable constant, and the logit-scale clamp."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_vlm.losses import (
+    CLIPLoss,
+    LlipLoss,
+    LossOutput,
+    SigLIPLoss,
+    clip_loss,
+    scale_logits,
+    sigmoid_pair_loss,
+    siglip_loss,
+)
+from lightning_vlm.models import ContrastiveOutput, LlipOutput
+
+
+def _embeddings(n: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+def _reference_clip(img: torch.Tensor, txt: torch.Tensor, t: float) -> float:
+    """Symmetric InfoNCE written out with loops: -log softmax of the matching pair, both directions."""
+    n, total = img.shape[0], 0.0
+    for i in range(n):
+        row = [t * float(img[i] @ txt[j]) for j in range(n)]
+        col = [t * float(txt[i] @ img[j]) for j in range(n)]
+        total += -(row[i] - math.log(sum(math.exp(r) for r in row)))
+        total += -(col[i] - math.log(sum(math.exp(c) for c in col)))
+    return total / (2 * n)
+
+
+def _reference_sigmoid(logits: torch.Tensor, offset: int) -> float:
+    """-sum_ij log sigmoid(z_ij * logit_ij) / n_rows, z = +1 at (i, offset + i), else -1."""
+    total = 0.0
+    for i in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            z = 1.0 if j == offset + i else -1.0
+            total += -math.log(1.0 / (1.0 + math.exp(-z * float(logits[i, j]))))
+    return total / logits.shape[0]
+
+
+def test_clip_loss_matches_loop_reference() -> None:
+    img, txt = _embeddings()
+    scale = torch.tensor(math.log(1 / 0.07))
+    assert clip_loss(img, txt, scale).item() == pytest.approx(_reference_clip(img, txt, 1 / 0.07), rel=1e-5)
+
+
+def test_clip_loss_of_identical_embeddings_is_ln_n() -> None:
+    same = F.normalize(torch.ones(4, 8), dim=-1)  # every logit equal -> uniform 4-way softmax
+    assert clip_loss(same, same, torch.tensor(2.0)).item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_siglip_loss_matches_loop_reference() -> None:
+    img, txt = _embeddings(seed=1)
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    expected = _reference_sigmoid(10.0 * img @ txt.T - 10.0, offset=0)
+    assert siglip_loss(img, txt, scale, bias).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sigmoid_pair_loss_with_offset() -> None:
+    """Rows of one rank (3 images) against 9 gathered captions, positives from column 3 on (rank 1 of 3)."""
+    logits = torch.randn(3, 9, generator=torch.Generator().manual_seed(2)) * 4
+    assert sigmoid_pair_loss(logits, 3).item() == pytest.approx(_reference_sigmoid(logits, 3), rel=1e-5)
+
+
+def test_logit_scale_is_clamped_to_ln_100() -> None:
+    cosine = torch.ones(2, 2)
+    high = torch.tensor(10.0, requires_grad=True)
+    logits = scale_logits(cosine, high)
+    assert torch.allclose(logits, torch.full((2, 2), 100.0))
+    logits.sum().backward()
+    assert high.grad.item() == 0.0  # at the bound the clamp stops the gradient; the parameter is untouched
+    assert high.item() == 10.0
+    assert torch.allclose(scale_logits(cosine, torch.tensor(-3.0)), cosine)  # lower bound ln 1: t >= 1
+    assert torch.allclose(scale_logits(cosine, torch.tensor(1.0), torch.tensor(-2.0)), cosine * math.e - 2.0)
+
+
+def test_loss_modules_return_named_terms() -> None:
+    img, txt = _embeddings()
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    clip = CLIPLoss()(ContrastiveOutput(img, txt, scale, None))
+    siglip = SigLIPLoss()(ContrastiveOutput(img, txt, scale, bias))
+    llip = LlipLoss()(LlipOutput(scale_logits(img @ txt.T, scale, bias), scale, bias))
+    assert isinstance(clip, LossOutput) and set(clip.terms) == {"itc"}
+    assert torch.equal(clip.total, clip.terms["itc"]) and clip.stats["logit_scale"].item() == pytest.approx(10.0)
+    assert set(siglip.terms) == {"sigmoid"} and siglip.stats["logit_bias"].item() == -10.0
+    assert llip.total.item() == pytest.approx(siglip.total.item(), rel=1e-6)  # unconditioned Llip == SigLIP
+    with pytest.raises(ValueError, match="logit_bias"):
+        SigLIPLoss()(ContrastiveOutput(img, txt, scale, None))
+
+
+def test_loss_output_total_is_sum_of_terms() -> None:
+    out = LossOutput.from_terms({"a": torch.tensor(1.5), "b": torch.tensor(2.0)})
+    assert out.total.item() == 3.5 and out.stats == {}

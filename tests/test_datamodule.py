@@ -1,0 +1,167 @@
+"""The streaming DataModule: batch dict, label masks, bad data, rank/worker splitting, epochs, mixing, flips."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_vlm.data.collate import IGNORE_INDEX
+from lightning_vlm.data.datamodule import ShardDataModule
+from lightning_vlm.data.reading import RawSample
+from lightning_vlm.data.sources import ShardSource
+from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
+from lightning_vlm.data.transforms import hflip_sample, swap_left_right
+
+
+def keys_of(loader) -> list[str]:
+    return [meta["key"] for batch in loader for meta in batch["meta"]]
+
+
+def stream(dm: ShardDataModule, sources, config: StreamConfig, rank=0, world=1) -> ShardStream:
+    loader = dm.eval_loader("val")  # builds transform/formatter/collate exactly as the module does
+    base: ShardStream = loader.dataset
+    return ShardStream(sources, base.transform, base.formatter, base.collate, config, rank, world)
+
+
+def test_batch_dict_and_labels_only_on_targets(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"caption": 1, "vqa": 1, "contrastive": 1}, batch_size=16)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (16, 3, 64, 64)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    tok = dm.tokenizer
+    for ids, labels, mask, meta in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["meta"]):
+        real = ids[mask.bool()]
+        assert real[0] == tok.bos_token_id and real[-1] == tok.eos_token_id
+        supervised = labels != IGNORE_INDEX
+        if meta["task"] == "contrastive":
+            assert not supervised.any()
+            continue
+        assert torch.equal(labels[supervised], ids[supervised])  # unshifted copy
+        expected = tok.encode(meta["target"], add_special_tokens=False) + [tok.eos_token_id]
+        assert labels[supervised].tolist() == expected  # exactly the target and EOS
+        assert not (supervised & ~mask.bool()).any()  # never on padding
+
+
+def test_vqa_targets_are_answers_of_the_sample(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"vqa": 1.0}, batch_size=32)
+    batch = next(iter(dm.train_dataloader()))
+    for meta in batch["meta"]:
+        assert {"question": meta["prompt"], "answer": meta["target"], "skill": meta["skill"]} in meta["qa"]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_shards(tmp_path) -> Path:
+    """Shard 0: 3 good, 1 corrupt jpg, 1 without txt. Shard 1: 2 good then a member cut off mid-file."""
+    good = lambda k: [(f"{k}.jpg", _jpeg()), (f"{k}.txt", b"a red square.")]  # noqa: E731
+    _tar(tmp_path / "a.tar", good("s0") + good("s1") + [("s2.jpg", b"not a jpeg"), ("s2.txt", b"x")]
+         + [("s3.jpg", _jpeg())] + good("s4"))
+    _tar(tmp_path / "b.tar", good("t0") + good("t1") + good("t2"))
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        cut = tar.getmember("t2.txt").offset_data + 5
+    (tmp_path / "b.tar").write_bytes((tmp_path / "b.tar").read_bytes()[:cut])  # t2.txt's data cut short
+    return tmp_path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(tiny_benchmark, bad_shards, workers):
+    dm = ShardDataModule(root=tiny_benchmark, train=str(bad_shards), batch_size=1, num_workers=workers,
+                         shuffle_buffer=0)
+    dm.setup()
+    loader = make_loader(stream(dm, [ShardSource(str(bad_shards))], StreamConfig(batch_size=1)), workers)
+    batches = list(loader)
+    keys = sorted(meta["key"] for b in batches for meta in b["meta"])
+    assert keys == ["s0", "s1", "s4", "t0", "t1"]
+    assert sum(b["num_skipped"] for b in batches) == 3  # corrupt jpg, missing txt, the truncated sample
+    assert sum(b["num_read_errors"] for b in batches) >= 1  # the truncated member
+
+
+@pytest.mark.parametrize("split", ["train", "val"])  # train: 4 shards (split by shard); val: 1 (split by sample)
+def test_two_ranks_two_workers_read_disjoint_samples_covering_the_epoch(tiny_benchmark, split):
+    dm = ShardDataModule(root=tiny_benchmark, batch_size=8, shuffle_buffer=32)
+    config = StreamConfig(batch_size=8, shuffle_buffer=32)
+    per_rank = [keys_of(make_loader(stream(dm, [ShardSource(tiny_benchmark, split=split)], config, rank, 2), 2))
+                for rank in range(2)]
+    everything = json.loads((Path(tiny_benchmark) / "dataset.json").read_text())["counts"][split]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert len(per_rank[0]) + len(per_rank[1]) == len(set(per_rank[0]) | set(per_rank[1])) == everything
+
+
+def test_explicit_epoch_size_gives_every_rank_the_same_steps(tiny_benchmark):
+    config = StreamConfig(batch_size=8, shuffle_buffer=16, samples_per_epoch=100)
+    dm = ShardDataModule(root=tiny_benchmark)
+    for rank in range(2):
+        loader = make_loader(stream(dm, [ShardSource(tiny_benchmark, split="val")], config, rank, 2), 2)
+        assert len(loader) == 12
+        assert [len(b["meta"]) for b in loader] == [8] * 12
+
+
+def test_epochs_reshuffle_and_runs_repeat(tiny_benchmark):
+    def orders():
+        dm = ShardDataModule(root=tiny_benchmark, batch_size=32, shuffle_buffer=64)
+        loader = dm.train_dataloader()
+        return keys_of(loader), keys_of(loader)
+
+    first, second = orders()
+    assert first != second and sorted(first) == sorted(second)
+    assert orders() == (first, second)
+
+
+def test_weighted_sources_mix_by_weight(tiny_benchmark):
+    sources = [ShardSource(tiny_benchmark, weight=3.0, split="train"), ShardSource(tiny_benchmark, weight=1.0, split="val")]
+    dm = ShardDataModule(root=tiny_benchmark)
+    loader = make_loader(stream(dm, sources, StreamConfig(batch_size=16, samples_per_epoch=160)), 0)
+    keys = keys_of(loader)
+    from_train = sum(k.startswith("train") for k in keys) / len(keys)
+    assert len(keys) == 160 and 0.6 < from_train < 0.9
+
+
+def test_flip_swaps_left_and_right_and_mirrors_boxes():
+    assert swap_left_right("a red circle left of a blue square. Right?") == "a red circle right of a blue square. Left?"
+    image = Image.new("RGB", (64, 64), "black")
+    image.paste((255, 0, 0), (0, 0, 10, 10))
+    info = {"objects": [{"shape": "square", "color": "red", "size": "small", "box": [0, 0, 10, 10]}],
+            "qa": [{"question": "Is the red square left of the blue circle?", "answer": "yes", "skill": "spatial"}]}
+    flipped = hflip_sample(RawSample("k", image, "a red square left of a blue circle.", info))
+    assert flipped.caption == "a red square right of a blue circle."
+    assert flipped.info["qa"][0]["question"] == "Is the red square right of the blue circle?"
+    assert flipped.info["objects"][0]["box"] == [54, 0, 64, 10]
+    assert flipped.image.getpixel((60, 5)) == (255, 0, 0) and flipped.image.getpixel((5, 5)) == (0, 0, 0)
+    assert info["objects"][0]["box"] == [0, 0, 10, 10]  # the original is untouched
+
+
+def test_flip_is_applied_in_the_stream_and_never_to_written_words(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, batch_size=64, hflip=1.0)
+    batch = next(iter(dm.train_dataloader()))
+    for meta in batch["meta"]:
+        assert meta["flipped"] == (not meta.get("word"))
+    assert any(m["flipped"] for m in batch["meta"])
+
+
+def test_grounding_targets_are_location_tokens_of_the_named_object(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"grounding": 1.0}, batch_size=16, loc_bins=32)
+    batch = next(iter(dm.train_dataloader()))
+    for ids, labels, meta in zip(batch["input_ids"], batch["labels"], batch["meta"]):
+        tokens = dm.tokenizer.convert_ids_to_tokens(labels[labels != IGNORE_INDEX].tolist())
+        expected = [f"<loc_{min(31, int(c / 64 * 32)):02d}>" for c in meta["box"]]
+        assert tokens == expected + [dm.tokenizer.eos_token]

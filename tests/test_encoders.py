@@ -1,0 +1,126 @@
+"""Encoders and contrastive models on tiny configs: shapes, extra tokens, and eval API == training logits."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_vlm.encoders import TextEncoder, VisionEncoder
+from lightning_vlm.losses import scale_logits
+from lightning_vlm.models import DualEncoder, Llip
+
+TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+VOCAB = 50
+
+
+def _text_batch(n: int = 3, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, 4:] = 0  # right padding on the first caption
+    return ids, mask
+
+
+def test_vision_encoder_tiny_vit_shapes() -> None:
+    enc = VisionEncoder("vit_tiny_patch16_224", **TINY_VIT)
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert enc.width == 64
+    assert out.tokens.shape == (2, 1 + 16, 64) and out.patch_tokens.shape == (2, 16, 64)
+    assert torch.equal(out.patch_tokens, out.tokens[:, 1:])
+    assert out.pooled.shape == (2, 64) and torch.equal(out.pooled, out.tokens[:, 0])  # vit pools the cls token
+    assert out.extra_tokens is None
+    assert enc.data_config["input_size"] == (3, 32, 32) and len(enc.data_config["mean"]) == 3
+
+
+def test_vision_encoder_extra_tokens() -> None:
+    torch.manual_seed(0)
+    enc = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=3, **TINY_VIT).eval()
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert out.extra_tokens.shape == (2, 3, 64) and out.tokens.shape == (2, 17, 64)
+    out.extra_tokens.sum().backward()
+    assert enc.extra_tokens.grad is not None and enc.extra_tokens.grad.abs().sum() > 0
+
+
+def test_vit_stages_reproduce_timm_forward_features() -> None:
+    """The timm stages run around the extra tokens equal timm's own forward_features (guards against timm changes)."""
+    torch.manual_seed(0)
+    enc = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=1, **TINY_VIT).eval()
+    x = torch.randn(2, 3, 32, 32)
+    m = enc.model
+    manual = m.norm(m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))))
+    assert torch.allclose(manual, m.forward_features(x))
+
+
+def test_vision_encoder_cnn_tokens_and_extra_tokens_error() -> None:
+    enc = VisionEncoder("resnet18")
+    out = enc(torch.randn(1, 3, 64, 64))
+    assert out.tokens.shape == (1, 4, 512) and out.pooled.shape == (1, 512) and enc.width == 512
+    with pytest.raises(ValueError, match="ViT-style"):
+        VisionEncoder("resnet18", num_extra_tokens=2)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_text_encoder_from_config(pooling: str) -> None:
+    enc = TextEncoder(vocab_size=VOCAB, pooling=pooling).eval()
+    ids, mask = _text_batch()
+    out = enc(ids, mask)
+    assert enc.width == 64 and enc.model.config.vocab_size == VOCAB
+    assert out.tokens.shape == (3, 7, 64) and out.pooled.shape == (3, 64)
+    expected = out.tokens[:, 0] if pooling == "cls" else out.tokens[0, :4].mean(0)
+    assert torch.allclose(out.pooled if pooling == "cls" else out.pooled[0], expected, atol=1e-6)
+
+
+def test_text_encoder_config_overrides_and_errors() -> None:
+    assert TextEncoder(vocab_size=VOCAB, config={"hidden_size": 32, "num_attention_heads": 4}).width == 32
+    with pytest.raises(ValueError, match="vocab_size"):
+        TextEncoder()
+    with pytest.raises(ValueError, match="pooling"):
+        TextEncoder(vocab_size=VOCAB, pooling="max")
+
+
+def _towers(extra: int = 0) -> tuple[VisionEncoder, TextEncoder]:
+    torch.manual_seed(0)
+    return VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=extra, **TINY_VIT), TextEncoder(vocab_size=VOCAB)
+
+
+def test_dual_encoder_similarity_matches_training_logits() -> None:
+    model = DualEncoder(*_towers(), embed_dim=32, logit_scale_init=math.log(10), logit_bias_init=-10.0).eval()
+    pixels, (ids, mask) = torch.randn(3, 3, 32, 32), _text_batch()
+    out = model(pixels, ids, mask)
+    assert out.image_emb.shape == (3, 32) and out.text_emb.shape == (3, 32)
+    assert torch.allclose(out.image_emb.norm(dim=-1), torch.ones(3))
+    sim = model.similarity(model.encode_images(pixels), model.encode_texts(ids, mask))
+    assert torch.allclose(sim, scale_logits(out.image_emb @ out.text_emb.T, out.logit_scale, out.logit_bias))
+    assert set(model.layer_groups()) == {"vision", "text", "heads"}
+    assert DualEncoder(*_towers()).heads.logit_bias is None
+
+
+def test_llip_shapes_and_similarity_matches_training_logits() -> None:
+    model = Llip(*_towers(extra=4), embed_dim=32, num_heads=4).eval()
+    pixels, (ids, mask) = torch.randn(3, 3, 32, 32), _text_batch()
+    out = model(pixels, ids, mask)
+    images, texts = model.encode_images(pixels), model.encode_texts(ids, mask)
+    assert out.logits.shape == (3, 3) and images.shape == (3, 4, 32) and texts.shape == (3, 32)
+    assert torch.allclose(model.similarity(images, texts), out.logits, atol=1e-5)
+    assert torch.allclose(model.similarity(images, texts, max_pairs=2), out.logits, atol=1e-5)  # chunked
+    assert "mixture_attn" in model.layer_groups()
+    with pytest.raises(ValueError, match="num_extra_tokens"):
+        Llip(*_towers())
+
+
+def test_llip_conditioning_matches_per_pair_attention() -> None:
+    """Each (image i, caption j) logit equals multi-head attention of caption j over image i's mixture tokens."""
+    model = Llip(*_towers(extra=4), embed_dim=32, num_heads=4).eval()
+    attn, heads = model.mixture_attn, model.heads
+    images = torch.randn(2, 4, 32)
+    texts = F.normalize(torch.randn(3, 32), dim=-1)
+    expected = torch.empty(2, 3)
+    for i in range(2):
+        for j in range(3):
+            q = attn.q(texts[j]).view(4, 1, 8)  # (heads, 1 query, head dim)
+            k = attn.k(images[i]).view(4, 4, 8).transpose(0, 1)  # (heads, K tokens, head dim)
+            v = attn.v(images[i]).view(4, 4, 8).transpose(0, 1)
+            mixed = attn.out(F.scaled_dot_product_attention(q, k, v).reshape(32))
+            cosine = F.normalize(mixed, dim=-1) @ texts[j]
+            expected[i, j] = heads.logit_scale.exp() * cosine + heads.logit_bias
+    assert torch.allclose(model.similarity(images, texts), expected, atol=1e-5)

@@ -1,0 +1,231 @@
+"""The evaluation suite: retrieval, zero-shot and binding on hand-computed cases, and the evaluator end to end."""
+
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import Tensor
+from torchmetrics.retrieval import RetrievalHitRate
+
+from lightning_vlm.eval import ContrastiveEvaluator, binding_accuracy, retrieval_recall, zero_shot_accuracy
+from lightning_vlm.eval.zero_shot import concat_reprs, select_rows
+
+WORDS = ["red", "blue", "green", "circle", "square", "triangle"]
+
+
+class Vocabulary:
+    """A fake tokenizer: each distinct text gets one id, returned as a single-token sequence."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        ids = []
+        for text in texts:
+            if text not in self.texts:
+                self.texts.append(text)
+            ids.append(self.texts.index(text))
+        return torch.tensor(ids)[:, None], torch.ones(len(texts), 1, dtype=torch.long)
+
+
+def bag_of_words(words: list[str]) -> Tensor:
+    """Normalised counts of the colour and shape words: blind to size, order and relations."""
+    vector = torch.tensor([float(words.count(word)) for word in WORDS])
+    return vector / vector.norm()
+
+
+class BagOfWordsModel:
+    """A fake scoring model: images carry their bag of words in the first pixels, texts are bags of their words."""
+
+    def __init__(self, vocabulary: Vocabulary) -> None:
+        self.vocabulary = vocabulary
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        return pixel_values[:, 0, 0, : len(WORDS)]
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        texts = [self.vocabulary.texts[i] for i in input_ids[:, 0].tolist()]
+        return torch.stack([bag_of_words(text.rstrip(".").split()) for text in texts])
+
+    def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
+        return image_repr @ text_repr.T
+
+
+Pair = namedtuple("Pair", ["embedding", "scale"])
+
+
+class TupleModel(BagOfWordsModel):
+    """The same model with namedtuple representations, as a caption-conditioned model like Llip might return."""
+
+    def encode_images(self, pixel_values: Tensor) -> Pair:
+        return Pair(super().encode_images(pixel_values), torch.ones(len(pixel_values)))
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return super().encode_texts(input_ids, attention_mask), torch.full((len(input_ids),), 2.0)
+
+    def similarity(self, image_repr: Pair, text_repr: tuple[Tensor, Tensor]) -> Tensor:
+        return image_repr.scale[:, None] * text_repr[1][None, :] * super().similarity(image_repr[0], text_repr[0])
+
+
+def test_retrieval_recall_hand_computed_with_repeated_captions() -> None:
+    captions = ["a", "b", "a", "c"]
+    scores = torch.tensor(
+        [
+            [0.1, 0.9, 0.8, 0.0],  # "a": top1 "b" miss, top2 has "a" (column 2)
+            [0.2, 0.5, 0.1, 0.7],  # "b": top1 "c" miss, top2 has "b"
+            [0.9, 0.1, 0.2, 0.3],  # "a": top1 is column 0, another copy of "a": a hit
+            [0.4, 0.3, 0.6, 0.1],  # "c": its caption is ranked last
+        ]
+    )
+    metrics = retrieval_recall(scores, captions, captions, ks=(1, 2, 10))
+    # text -> image, per column: "a" hit@1; "b" hit@2; "a" hit@1 (image 0 shows "a"); "c" hit@3
+    assert metrics == pytest.approx(
+        {"i2t_r1": 0.25, "i2t_r2": 0.75, "i2t_r10": 1.0, "t2i_r1": 0.5, "t2i_r2": 0.75, "t2i_r10": 1.0}
+    )
+
+
+def test_retrieval_recall_matches_torchmetrics_hit_rate() -> None:
+    generator = torch.Generator().manual_seed(0)
+    image_texts = [f"caption {i}" for i in torch.randint(0, 8, (30,), generator=generator).tolist()]
+    texts = [f"caption {i}" for i in torch.randint(0, 8, (20,), generator=generator).tolist()]
+    scores = torch.randn(30, 20, generator=generator)
+    metrics = retrieval_recall(scores, image_texts, texts, ks=(1, 5))
+    target = torch.tensor([[a == b for b in texts] for a in image_texts])
+    for k in (1, 5):
+        for name, s, t in (("i2t", scores, target), ("t2i", scores.T, target.T)):
+            indexes = torch.arange(len(s))[:, None].expand_as(s)
+            expected = RetrievalHitRate(top_k=k)(s.flatten(), t.flatten(), indexes=indexes.flatten())
+            assert metrics[f"{name}_r{k}"] == pytest.approx(expected.item())
+
+
+class LookupModel:
+    """Images are class indices; a text scores ``table[matches]`` by whether it names the image's class."""
+
+    def __init__(self, vocabulary: Vocabulary, classes: list[str], table: dict[bool, float]) -> None:
+        self.vocabulary, self.classes, self.table = vocabulary, classes, table
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return input_ids[:, 0]
+
+    def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
+        texts = [self.vocabulary.texts[i] for i in text_repr.tolist()]
+        names = [self.classes[i] for i in image_repr.tolist()]
+        return torch.tensor([[self.table[name in text.rstrip(".").split()] for text in texts] for name in names])
+
+
+@pytest.mark.parametrize(("table", "expected"), [({True: 1.0, False: 0.0}, 1.0), ({True: 0.0, False: 1.0}, 0.0)])
+def test_zero_shot_accuracy_perfect_and_anti_models(table: dict[bool, float], expected: float) -> None:
+    classes, vocabulary = ["circle", "square", "triangle"], Vocabulary()
+    images = torch.tensor([0, 1, 2, 2, 1])
+    targets = [classes[i] for i in images.tolist()]
+    model = LookupModel(vocabulary, classes, table)
+    accuracy = zero_shot_accuracy(model, vocabulary, images, targets, classes, ["a {}.", "a photo of a {}."])
+    assert accuracy == expected
+
+
+def test_zero_shot_averages_scores_over_templates() -> None:
+    """Template 1 favours the right class by 1.0, template 2 a wrong one by 0.6: the mean is right, the max wrong."""
+    classes, vocabulary = ["circle", "square"], Vocabulary()
+
+    class TwoTemplateModel(LookupModel):
+        def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
+            correct = super().similarity(image_repr, text_repr)
+            texts = [self.vocabulary.texts[i] for i in text_repr.tolist()]
+            photo = torch.tensor([text.startswith("a photo") for text in texts])
+            return torch.where(photo, 1.2 - 0.6 * correct, correct)
+
+    model = TwoTemplateModel(vocabulary, classes, {True: 1.0, False: 0.0})
+    templates = ["a {}.", "a photo of a {}."]
+    assert zero_shot_accuracy(model, vocabulary, torch.tensor([0, 1]), ["circle", "square"], classes, templates) == 1.0
+
+
+def test_binding_accuracy_per_kind() -> None:
+    scores_true = torch.tensor([0.9, 0.5, 0.7, 0.2, 0.6])
+    scores_neg = torch.tensor([0.1, 0.5, 0.8, 0.1, 0.3])  # the tie on the second pair is a failure
+    kinds = ["color", "color", "relation", "size", "shape"]
+    assert binding_accuracy(scores_true, scores_neg, kinds) == pytest.approx(
+        {"binding_all": 0.6, "binding_color": 0.5, "binding_relation": 0.0, "binding_size": 1.0, "binding_shape": 1.0}
+    )
+
+
+def test_representation_helpers_keep_tuple_types() -> None:
+    pairs = [Pair(torch.arange(3), torch.zeros(3)), Pair(torch.arange(3, 5), torch.ones(2))]
+    joined = concat_reprs(pairs)
+    assert isinstance(joined, Pair) and joined.embedding.tolist() == [0, 1, 2, 3, 4]
+    picked = select_rows(joined, torch.tensor([4, 0]))
+    assert picked.embedding.tolist() == [4, 0] and picked.scale.tolist() == [1.0, 0.0]
+    with pytest.raises(TypeError, match="Tensor or a non-empty tuple of Tensors"):
+        concat_reprs([[torch.zeros(1)]])
+
+
+def sample(objects: list[tuple[str, str]], caption: str, negatives: list[tuple[str, str]]) -> dict:
+    """A meta entry (CONTRACTS.md) with the (colour, shape) objects and (caption, kind) hard negatives."""
+    return {
+        "caption": caption,
+        "objects": [{"color": c, "shape": s, "size": "small", "box": [0, 0, 1, 1]} for c, s in objects],
+        "hard_negatives": [{"caption": text, "kind": kind} for text, kind in negatives],
+    }
+
+
+def batch(metas: list[dict]) -> dict:
+    """A batch whose images carry the bag of words of their objects in their first pixels."""
+    pixel_values = torch.zeros(len(metas), 3, 4, 8)
+    for i, meta in enumerate(metas):
+        words = [word for obj in meta["objects"] for word in (obj["color"], obj["shape"])]
+        pixel_values[i, 0, 0, : len(WORDS)] = bag_of_words(words)
+    return {"pixel_values": pixel_values, "meta": metas}
+
+
+BATCHES = [
+    [
+        sample([("red", "circle")], "a large red circle.", [("a large blue circle.", "color")]),
+        sample([("blue", "square")], "a small blue square.", [("a small blue triangle.", "shape")]),
+    ],
+    [
+        sample(
+            [("red", "circle"), ("blue", "square")],
+            "a red circle left of a blue square.",
+            [("a red circle right of a blue square.", "relation"), ("a blue circle left of a red square.", "color")],
+        ),
+        sample([("red", "circle")], "a large red circle.", [("a small red circle.", "size")]),
+    ],
+    [sample([("green", "triangle"), ("green", "square")], "a green triangle above a green square.", [])],
+]
+
+
+@pytest.mark.parametrize("model_class", [BagOfWordsModel, TupleModel])
+def test_evaluator_end_to_end(model_class: type) -> None:
+    vocabulary = Vocabulary()
+    model = model_class(vocabulary)
+    evaluator = ContrastiveEvaluator(vocabulary, chunk_size=3)
+    for metas in BATCHES:
+        evaluator.update(model, batch(metas))
+    metrics = evaluator.compute(model, "val")
+    # The bag of words retrieves every caption; it sees colours and shapes but neither sizes nor relations, and
+    # misses the colour swap between two objects ("a blue circle left of a red square." has the same words).
+    assert metrics == pytest.approx(
+        {
+            **{f"val/{way}_r{k}": 1.0 for way in ("i2t", "t2i") for k in (1, 5, 10)},
+            "val/binding_all": 0.4,
+            "val/binding_color": 0.5,
+            "val/binding_shape": 1.0,
+            "val/binding_size": 0.0,
+            "val/binding_relation": 0.0,
+            "val/zeroshot_color": 1.0,
+            "val/zeroshot_color_n": 4.0,  # the two-colour scene is left out
+            "val/zeroshot_shape": 1.0,
+            "val/zeroshot_shape_n": 3.0,  # both two-shape scenes are left out
+        }
+    )
+
+
+def test_evaluator_max_samples_and_reset() -> None:
+    vocabulary = Vocabulary()
+    model, evaluator = BagOfWordsModel(vocabulary), ContrastiveEvaluator(vocabulary, max_samples=3)
+    for metas in BATCHES:
+        evaluator.update(model, batch(metas))
+    assert len(evaluator.metas) == 3 and sum(len(r) for r in evaluator.image_reprs) == 3
+    assert evaluator.compute(model, "test")["test/zeroshot_shape_n"] == 2.0
+    evaluator.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        evaluator.compute(model, "test")

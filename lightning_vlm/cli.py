@@ -14,10 +14,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_vlm.callbacks import BadDataLogger, SampleImageLogger
 from lightning_vlm.data.datamodule import ensure_default_benchmark
 
-TRAINER_DEFAULTS = {
-    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-    "callbacks": [LearningRateMonitor(), RichProgressBar(), SampleImageLogger(), BadDataLogger()],
-}
+
+def trainer_defaults() -> dict:
+    """TensorBoard logging to runs/, and the callbacks every run has (a recipe's callbacks come on top)."""
+    return {
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+        "callbacks": [LearningRateMonitor(), SampleImageLogger(), BadDataLogger()],
+    }
 
 
 class VLMCLI(LightningCLI):
@@ -30,11 +33,17 @@ class VLMCLI(LightningCLI):
         if root is not None:
             ensure_default_benchmark(root)
 
+    def instantiate_trainer(self, **kwargs):
+        """Add the rich progress bar unless the run turned progress bars off."""
+        if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is not False:
+            self.trainer_defaults["callbacks"].append(RichProgressBar())
+        return super().instantiate_trainer(**kwargs)
+
 
 def run_cli(args: list[str] | None = None) -> VLMCLI:
     """Parse `args` (default: the process arguments) and run the chosen Trainer subcommand."""
     return VLMCLI(
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults=trainer_defaults(),
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -44,10 +53,10 @@ def run_cli(args: list[str] | None = None) -> VLMCLI:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lightning_vlm``: ``data ...`` goes to the data tools, the rest to LightningCLI."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["data"]:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["data"]:
         from lightning_vlm.data.data_cli import main as data_main
 
-        return data_main(argv[1:])
+        return data_main(words[1:])
     run_cli(argv)
     return 0

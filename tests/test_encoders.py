@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_vlm.data.tokenizer import train_tokenizer
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses import scale_logits
 from lightning_vlm.models import DualEncoder, Llip
@@ -22,7 +23,7 @@ def _text_batch(n: int = 3, length: int = 7) -> tuple[torch.Tensor, torch.Tensor
 
 
 def test_vision_encoder_tiny_vit_shapes() -> None:
-    enc = VisionEncoder("vit_tiny_patch16_224", **TINY_VIT)
+    enc = VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT)
     out = enc(torch.randn(2, 3, 32, 32))
     assert enc.width == 64
     assert out.tokens.shape == (2, 1 + 16, 64) and out.patch_tokens.shape == (2, 16, 64)
@@ -34,7 +35,7 @@ def test_vision_encoder_tiny_vit_shapes() -> None:
 
 def test_vision_encoder_extra_tokens() -> None:
     torch.manual_seed(0)
-    enc = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=3, **TINY_VIT).eval()
+    enc = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=3, overrides=TINY_VIT).eval()
     out = enc(torch.randn(2, 3, 32, 32))
     assert out.extra_tokens.shape == (2, 3, 64) and out.tokens.shape == (2, 17, 64)
     out.extra_tokens.sum().backward()
@@ -44,7 +45,7 @@ def test_vision_encoder_extra_tokens() -> None:
 def test_vit_stages_reproduce_timm_forward_features() -> None:
     """The timm stages run around the extra tokens equal timm's own forward_features (guards against timm changes)."""
     torch.manual_seed(0)
-    enc = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=1, **TINY_VIT).eval()
+    enc = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=1, overrides=TINY_VIT).eval()
     x = torch.randn(2, 3, 32, 32)
     m = enc.model
     manual = m.norm(m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))))
@@ -70,6 +71,19 @@ def test_text_encoder_from_config(pooling: str) -> None:
     assert torch.allclose(out.pooled if pooling == "cls" else out.pooled[0], expected, atol=1e-6)
 
 
+def test_text_encoder_from_pretrained_folder(tmp_path) -> None:
+    """The from_pretrained path (as for all-MiniLM-L6-v2) on a saved tiny model; a larger tokenizer resizes."""
+    built = TextEncoder(vocab_size=VOCAB).eval()
+    built.model.save_pretrained(tmp_path)
+    train_tokenizer(["a small red circle left of a large blue square."], tmp_path / "tokenizer.json")
+    loaded = TextEncoder(str(tmp_path), vocab_size=VOCAB).eval()
+    ids, mask = _text_batch()
+    assert torch.allclose(loaded(ids, mask).pooled, built(ids, mask).pooled, atol=1e-6)
+    assert loaded.tokenizer.convert_ids_to_tokens(loaded.tokenizer.encode("red circle")) == ["red", "circle"]
+    by_tokenizer = TextEncoder(str(tmp_path))  # the declared tokenizer sizes the embeddings
+    assert by_tokenizer.model.config.vocab_size == len(by_tokenizer.tokenizer) != VOCAB
+
+
 def test_text_encoder_config_overrides_and_errors() -> None:
     assert TextEncoder(vocab_size=VOCAB, config={"hidden_size": 32, "num_attention_heads": 4}).width == 32
     with pytest.raises(ValueError, match="vocab_size"):
@@ -80,7 +94,7 @@ def test_text_encoder_config_overrides_and_errors() -> None:
 
 def _towers(extra: int = 0) -> tuple[VisionEncoder, TextEncoder]:
     torch.manual_seed(0)
-    return VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=extra, **TINY_VIT), TextEncoder(vocab_size=VOCAB)
+    return VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=extra, overrides=TINY_VIT), TextEncoder(vocab_size=VOCAB)
 
 
 def test_dual_encoder_similarity_matches_training_logits() -> None:

@@ -42,15 +42,7 @@ class Collator:
             raise ValueError(f"tokenizer {tok.name_or_path!r} has no pad, eos or sep token to pad with")
 
     def __call__(self, examples: list[Example], num_skipped: int = 0, num_read_errors: int = 0) -> dict:
-        rows = [self.encode(ex.text) for ex in examples]
-        length = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, lab) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention_mask[i, : len(ids)] = 1
+        input_ids, attention_mask, labels = self._pad([self.encode(ex.text) for ex in examples])
         return {
             "pixel_values": torch.stack([ex.pixel_values for ex in examples]),
             "input_ids": input_ids,
@@ -60,6 +52,22 @@ class Collator:
             "num_skipped": num_skipped,
             "num_read_errors": num_read_errors,
         }
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of plain texts laid out as contrastive examples (for evaluation prompts)."""
+        input_ids, attention_mask, _ = self._pad([self.encode(TextExample("contrastive", "", t)) for t in texts])
+        return input_ids, attention_mask
+
+    def _pad(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention_mask[i, : len(ids)] = 1
+        return input_ids, attention_mask, labels
 
     def encode(self, text: TextExample) -> tuple[list[int], list[int]]:
         """Token ids and labels of one example, truncated to `max_length` (the end token is kept)."""

@@ -69,13 +69,13 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     """``data synth``: options of the synthetic benchmark generator."""
     synth = _subcommand(commands, "synth", "generate the synthetic benchmark shards", run_synth)
     synth.add_argument("--out", type=Path, default=Path("data/synthetic"), help="dataset root to write")
-    for split, default in (("train", 20000), ("val", 1000), ("test", 1000), ("compositional", 1000)):
+    for split, default in (("train", 50000), ("val", 1000), ("test", 1000), ("compositional", 1000)):
         synth.add_argument(f"--{split}", type=int, default=default, help=f"samples in the {split} split")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--no-text", action="store_true", help="no written words in the scenes")
     synth.add_argument("--samples-per-shard", type=int, default=1000)
-    synth.add_argument("--workers", type=int, default=0, help="worker processes (0: generate in this process)")
+    synth.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU; 0: this process)")
 
 
 def _add_convert(commands: argparse._SubParsersAction) -> None:

@@ -130,7 +130,13 @@ class EpochLoader(DataLoader):
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """A loader over pre-batched streams: no sampler, no re-batching, workers restarted every epoch."""
-    return EpochLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return EpochLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                       pin_memory=torch.cuda.is_available())
+
+
+def _as_is(batch: dict) -> dict:
+    """Batches arrive collated; the default per-batch conversion would walk every metadata dict."""
+    return batch
 
 
 def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:

@@ -80,6 +80,8 @@ class ImageTransform:
         flipped = self.hflip > 0 and not sample.info.get("word") and rng.random() < self.hflip
         if flipped:
             sample = hflip_sample(sample)
+        if not self.crop_scale and sample.image.size == (self.image_size, self.image_size):
+            return self._to_tensor(v2.functional.pil_to_tensor(sample.image)), sample, flipped
         objects = sample.info.get("objects", [])
         image = tv_tensors.Image(v2.functional.pil_to_tensor(sample.image))
         boxes = tv_tensors.BoundingBoxes(

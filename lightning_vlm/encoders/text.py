@@ -8,6 +8,8 @@ from typing import Any, Literal
 import transformers
 from torch import Tensor, nn
 
+from lightning_vlm.data.tokenizer import load_tokenizer
+
 TINY_BERT: dict[str, Any] = {
     "model_type": "bert",
     "hidden_size": 64,
@@ -29,8 +31,10 @@ class TextOutput:
 class TextEncoder(nn.Module):
     """`AutoModel.from_pretrained(name_or_path)` or `AutoModel.from_config(config)`, pooled by [CLS] or masked mean.
 
-    `vocab_size` comes from the tokenizer (the caller passes it): it sizes a model built from config and
-    resizes a pretrained model's embeddings when it differs. `config` keys update TINY_BERT ("model_type" included).
+    The encoder declares the tokenizer it reads with (`tokenizer`: a name, a tokenizer.json, or a dataset root
+    holding one; default: `name_or_path`); the DataModule applies it. `vocab_size` comes from that tokenizer
+    (or is passed directly): it sizes a model built from config and resizes a pretrained model's embeddings
+    when it differs. `config` keys update TINY_BERT ("model_type" included).
     """
 
     def __init__(
@@ -39,8 +43,13 @@ class TextEncoder(nn.Module):
         config: dict[str, Any] | None = None,
         vocab_size: int | None = None,
         pooling: Literal["cls", "mean"] = "cls",
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
+        tokenizer = tokenizer or name_or_path
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+        if vocab_size is None and self.tokenizer is not None:
+            vocab_size = len(self.tokenizer)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         self.pooling = pooling

@@ -38,10 +38,10 @@ class VisionEncoder(nn.Module):
         name: str = "vit_tiny_patch16_224",
         pretrained: bool = False,
         num_extra_tokens: int = 0,
-        **overrides: Any,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **overrides)
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **(overrides or {}))
         self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
         self.extra_tokens: nn.Parameter | None = None
         if num_extra_tokens:

@@ -1,0 +1,65 @@
+"""Contrastive image-text pretraining: CLIP (InfoNCE), SigLIP (pairwise sigmoid) and Llip (caption-conditioned
+mixture of image tokens). The recipe picks the model (`DualEncoder` or `Llip`) and the loss; this module
+trains them and runs the shared retrieval / zero-shot / binding evaluation on every val split.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_vlm.data.collate import Collator
+from lightning_vlm.eval import ContrastiveEvaluator
+from lightning_vlm.paradigms.base import VLMParadigm
+
+
+class Contrastive(VLMParadigm):
+    """`model(pixel_values, input_ids, attention_mask)` -> output; `loss(output)` -> LossOutput."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, eval_max_samples: int | None = 1000, **optim) -> None:
+        super().__init__(**optim)
+        self.save_hyperparameters(ignore=["model", "loss"])
+        self.model, self.loss = model, loss
+        self.evaluators: dict[int, ContrastiveEvaluator] = {}
+        self.eval_max_samples = eval_max_samples
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+        self.log_losses("train", losses, batch_size=len(batch["meta"]))
+        return losses.total
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        losses = self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+        self.log_losses(self._split(dataloader_idx), losses, batch_size=len(batch["meta"]))
+        self._evaluator(dataloader_idx).update(self.model, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        for idx, evaluator in self.evaluators.items():
+            self.log_dict(evaluator.compute(self.model, self._split(idx)), add_dataloader_idx=False)
+            evaluator.reset()
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    @property
+    def tokenizer(self):
+        return self.model.text.tokenizer
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return self.model.vision.data_config["mean"]
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return self.model.vision.data_config["std"]
+
+    def _evaluator(self, dataloader_idx: int) -> ContrastiveEvaluator:
+        if dataloader_idx not in self.evaluators:
+            self.evaluators[dataloader_idx] = ContrastiveEvaluator(Collator(self.tokenizer).tokenize,
+                                                                   max_samples=self.eval_max_samples)
+        return self.evaluators[dataloader_idx]
+
+    def _split(self, dataloader_idx: int) -> str:
+        """The name of an eval dataloader ("val", "compositional", ...) as the DataModule lists them."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = (datamodule.test_names if self.trainer.testing else datamodule.val_names) if datamodule else []
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"eval{dataloader_idx}"

@@ -1,0 +1,111 @@
+"""Two gloo processes on CPU give the same loss and gradients as one process on the global batch.
+
+Each rank computes its local rows against columns gathered with gradients, so the per-rank loss is a
+share of the global one: global loss = mean over ranks. The gathered columns send gradient back to
+their owner rank (summed over every rank's loss), so each rank holds the gradient of the SUM of
+per-rank losses; DDP then averages across ranks, which divides that sum by the world size and gives
+exactly the gradient of the global loss. We therefore compare DDP's gradients with the one-process ones.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_vlm.encoders import TextEncoder, VisionEncoder
+from lightning_vlm.losses import CLIPLoss, LlipLoss, LossOutput, SigLIPLoss
+from lightning_vlm.models import ContrastiveOutput, Llip
+
+WORLD, GLOBAL_BATCH, VOCAB = 2, 8, 40
+CASES = ["clip", "siglip", "llip"]
+
+
+class TinyTowers(nn.Module):
+    """Two linear towers, a learnable scale and (SigLIP) bias: the smallest model feeding the contrastive losses.
+
+    No bias for CLIP: DDP never reduces a bucket holding a parameter that gets no gradient.
+    """
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.image = nn.Linear(6, 4)
+        self.text = nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-2.0)) if bias else None
+
+    def forward(self, images: Tensor, texts: Tensor) -> ContrastiveOutput:
+        image_emb, text_emb = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
+        return ContrastiveOutput(image_emb, text_emb, self.logit_scale, self.logit_bias)
+
+
+def _case(name: str) -> tuple[nn.Module, nn.Module, tuple[Tensor, ...]]:
+    """The same seeded model, loss and global batch in every process."""
+    torch.manual_seed(0)
+    if name == "llip":
+        vision = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=3,
+                               overrides=dict(img_size=16, patch_size=8, depth=1, embed_dim=32, num_heads=2))
+        model = Llip(vision, TextEncoder(vocab_size=VOCAB, config={"num_hidden_layers": 1}), embed_dim=16)
+        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, 6))
+        mask = torch.ones_like(ids)
+        mask[::3, 4:] = 0
+        return model.eval(), LlipLoss(), (torch.randn(GLOBAL_BATCH, 3, 16, 16), ids, mask)  # eval: no dropout
+    loss = CLIPLoss() if name == "clip" else SigLIPLoss()
+    return TinyTowers(bias=name == "siglip"), loss, (torch.randn(GLOBAL_BATCH, 6), torch.randn(GLOBAL_BATCH, 5))
+
+
+def _loss_and_grads(model: nn.Module, loss_fn: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    out: LossOutput = loss_fn(model(*inputs))
+    out.total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": out.total.detach(), **grads}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    results = {}
+    for name in CASES:
+        model, loss_fn, inputs = _case(name)
+        shard = GLOBAL_BATCH // WORLD
+        local = tuple(x[rank * shard:(rank + 1) * shard] for x in inputs)
+        ddp = DistributedDataParallel(model)
+        results[name] = {k.removeprefix("module."): v for k, v in _loss_and_grads(ddp, loss_fn, local).items()}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict[str, dict[str, Tensor]]]:
+    """Run every case once in 2 spawned gloo processes (one spawn for all cases keeps the suite fast)."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_ranks_match_one_process(name: str, rank_results) -> None:
+    model, loss_fn, inputs = _case(name)
+    single = _loss_and_grads(model, loss_fn, inputs)
+    per_rank = [r[name] for r in rank_results]
+    # global loss = mean of the per-rank losses (each is its local rows' share of the global average)
+    mean_loss = sum(r["loss"] for r in per_rank) / WORLD
+    assert torch.allclose(mean_loss, single["loss"], atol=1e-5)
+    assert set(per_rank[0]) == set(single) and len(single) > 2
+    for key in single.keys() - {"loss"}:
+        # DDP-averaged gradients are identical on every rank and equal the one-process gradient
+        assert torch.allclose(per_rank[0][key], per_rank[1][key], atol=1e-6), key
+        assert torch.allclose(per_rank[0][key], single[key], atol=1e-5, rtol=1e-4), key

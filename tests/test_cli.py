@@ -1,0 +1,76 @@
+"""The command line: every recipe parses and runs a fast_dev_run, --print_config, unknown keys, data tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_vlm.cli import main, run_cli
+from lightning_vlm.data import datamodule
+
+RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+def tiny_overrides(root: str) -> list[str]:
+    """Point a recipe at the tiny benchmark and make it a two-batch smoke run."""
+    return ["--data.init_args.root", root, "--model.init_args.model.init_args.text.init_args.tokenizer", root,
+            "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
+            "--data.init_args.num_workers", "0", "--trainer.fast_dev_run", "2",
+            "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_prints_its_config(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_vlm." in printed and "trainer:" in printed
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_fast_dev_run(recipe, tiny_benchmark, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(recipe), *tiny_overrides(tiny_benchmark)])
+    assert cli.trainer.global_step == 2
+    assert cli.trainer.state.finished
+
+
+def test_configs_compose_later_files_win(tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("data:\n  init_args:\n    batch_size: 7\ntrainer:\n  max_steps: 3\n")
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", str(RECIPES[0]), "--config", str(override), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "batch_size: 7" in printed and "max_steps: 3" in printed
+
+
+@pytest.mark.parametrize("where", ["command line", "config file"])
+def test_unknown_key_is_named_in_the_error(tmp_path, capsys, where):
+    if where == "command line":
+        extra = ["--data.init_args.bogus_knob", "3"]
+    else:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("data:\n  init_args:\n    bogus_knob: 3\n")
+        extra = ["--config", str(bad)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(RECIPES[0]), *extra])
+    assert exit_info.value.code != 0
+    assert "bogus_knob" in capsys.readouterr().err
+
+
+def test_data_subcommands_dispatch(tiny_benchmark, capsys):
+    assert main(["data", "inspect", tiny_benchmark, "--samples", "1"]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_missing_default_data_is_generated_first_and_said(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    made = []
+    monkeypatch.setattr(datamodule, "generate_benchmark", lambda root: made.append(Path(root)))
+    datamodule.ensure_default_benchmark("data/synthetic")
+    assert made == [Path("data/synthetic")]
+    assert "generating the synthetic benchmark" in capsys.readouterr().out
+    datamodule.ensure_default_benchmark(tmp_path / "elsewhere")  # not the default place: never generated
+    assert len(made) == 1

@@ -3,6 +3,8 @@ text transformer, ClipLoss) at the same tiny sizes, on the same batch, timed in 
 
     python benchmarks/clip_vs_open_clip.py [--batch-size 128] [--steps 20] [--rounds 3] [--device cpu|cuda]
                                            [--precision fp32|bf16] [--threads N]
+
+On a CPU shared with other jobs, --threads 1 avoids the stalls of OpenMP threads waiting for a descheduled peer.
 """
 
 from __future__ import annotations
@@ -85,21 +87,18 @@ def parameter_table(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, int, 
     ]
 
 
-def timed_steps(step_loss: StepLoss, optimizer: torch.optim.Optimizer, batch: Batch, steps: int,
-                precision: contextlib.AbstractContextManager, device: torch.device) -> list[float]:
-    """Seconds of each of `steps` training steps (forward, backward, optimizer step)."""
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with precision:
-            loss = step_loss(batch)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+def timed_step(step_loss: StepLoss, optimizer: torch.optim.Optimizer, batch: Batch,
+               precision: contextlib.AbstractContextManager, device: torch.device) -> float:
+    """Seconds of one training step (forward, backward, optimizer step)."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with precision:
+        loss = step_loss(batch)
+    loss.backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -132,22 +131,27 @@ def main() -> None:
     runs = {}
     for name, (model, step_loss) in contenders.items():
         model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        runs[name] = (step_loss, optimizer, [])
-        timed_steps(step_loss, optimizer, batch, args.warmup, precision, device)
-    for r in range(args.rounds):  # alternate which goes first, so drift and ordering cancel
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-            step_loss, optimizer, times = runs[name]
-            times += timed_steps(step_loss, optimizer, batch, args.steps, precision, device)
+        runs[name] = (step_loss, torch.optim.AdamW(model.parameters(), lr=1e-3), [])
+        for _ in range(args.warmup):
+            timed_step(*runs[name][:2], batch, precision, device)
+    # Step by step in alternation, the first model flipping each round: load from other processes and drift hit
+    # both alike (with blocks of steps, a burst of load can fall on one model only).
+    for r in range(args.rounds):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for _ in range(args.steps):
+            for name in order:
+                step_loss, optimizer, times = runs[name]
+                times.append(timed_step(step_loss, optimizer, batch, precision, device))
 
     print(f"\nbatch {args.batch_size}, {args.rounds} rounds x {args.steps} steps, device {device}, "
           f"{args.precision}, {torch.get_num_threads()} threads")
-    print(f"{'model':<12}{'median ms/step':>16}{'samples/s':>12}")
+    print(f"{'model':<12}{'median ms/step':>16}{'p25-p75 ms':>16}{'min ms':>10}{'samples/s':>12}")
     rate = {}
     for name, (_, _, times) in runs.items():
-        median = statistics.median(times)
+        q1, median, q3 = statistics.quantiles(times, n=4)
         rate[name] = args.batch_size / median
-        print(f"{name:<12}{1e3 * median:>16.1f}{rate[name]:>12.0f}")
+        print(f"{name:<12}{1e3 * median:>16.1f}{f'{1e3 * q1:.0f}-{1e3 * q3:.0f}':>16}{1e3 * min(times):>10.1f}"
+              f"{rate[name]:>12.0f}")
     print(f"ratio ours/open_clip samples/s: {rate['ours'] / rate['open_clip']:.2f}")
 
 

@@ -74,3 +74,10 @@ def test_missing_default_data_is_generated_first_and_said(tmp_path, monkeypatch,
     assert "generating the synthetic benchmark" in capsys.readouterr().out
     datamodule.ensure_default_benchmark(tmp_path / "elsewhere")  # not the default place: never generated
     assert len(made) == 1
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_subcommands_run(subcommand, tiny_benchmark, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli([subcommand, "--config", str(RECIPES[0]), *tiny_overrides(tiny_benchmark)])
+    assert cli.trainer.state.finished

@@ -40,6 +40,11 @@ class Contrastive(VLMParadigm):
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Image and caption representations of a batch, keyed by sample, for retrieval indexes."""
+        return {"keys": [m["key"] for m in batch["meta"]], "images": self.model.encode_images(batch["pixel_values"]),
+                "texts": self.model.encode_texts(batch["input_ids"], batch["attention_mask"])}
+
     @property
     def tokenizer(self):
         return self.model.text.tokenizer

@@ -165,3 +165,9 @@ def test_grounding_targets_are_location_tokens_of_the_named_object(tiny_benchmar
         tokens = dm.tokenizer.convert_ids_to_tokens(labels[labels != IGNORE_INDEX].tolist())
         expected = [f"<loc_{min(31, int(c / 64 * 32)):02d}>" for c in meta["box"]]
         assert tokens == expected + [dm.tokenizer.eos_token]
+
+
+def test_grounding_with_a_tokenizer_lacking_location_tokens_is_a_clear_error(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tokenizer=tiny_benchmark, tasks={"grounding": 1.0})
+    with pytest.raises(ValueError, match="32 location tokens"):
+        dm.setup()

@@ -77,11 +77,11 @@ class ShardDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = self._resolve_tokenizer()
-        if self.hparams.tasks.get("grounding") and self.tokenizer.convert_tokens_to_ids("<loc_00>") in (
-            None,
-            self.tokenizer.unk_token_id,
-        ):
-            raise ValueError("grounding needs location tokens in the tokenizer: use add_location_tokens()")
+        if self.hparams.tasks.get("grounding"):
+            missing = set(location_tokens(self.hparams.loc_bins)) - set(self.tokenizer.get_vocab())
+            if missing:
+                raise ValueError(f"grounding needs {len(missing)} location tokens the tokenizer lacks: call "
+                                 "lightning_vlm.data.datamodule.add_location_tokens on the model's tokenizer")
 
     def train_dataloader(self) -> DataLoader:
         sources = as_sources(self.hparams.train, "train") or [ShardSource(self.hparams.root, split="train")]

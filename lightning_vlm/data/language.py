@@ -120,21 +120,21 @@ def _relation_flips(objs: list[SceneObject], parts: list[Clause]) -> list[list[C
 
 
 def _color(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    shapes = Counter(o.shape for o in scene.objects)
-    unique = [o for o in scene.objects if shapes[o.shape] == 1]
-    if not unique:
-        return None
-    obj = rng.choice(unique)
-    return f"What colour is the {obj.shape}?", obj.color
+    return _ask_attribute(scene, rng, known="shape", asked="color", question="What colour is the {}?")
 
 
 def _shape(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    colors = Counter(o.color for o in scene.objects)
-    unique = [o for o in scene.objects if colors[o.color] == 1]
+    return _ask_attribute(scene, rng, known="color", asked="shape", question="What shape is the {} object?")
+
+
+def _ask_attribute(scene: Scene, rng: random.Random, known: str, asked: str, question: str) -> tuple[str, str] | None:
+    """Ask for one attribute of an object named by another that no other object in the scene shares."""
+    counts = Counter(getattr(o, known) for o in scene.objects)
+    unique = [o for o in scene.objects if counts[getattr(o, known)] == 1]
     if not unique:
         return None
     obj = rng.choice(unique)
-    return f"What shape is the {obj.color} object?", obj.shape
+    return question.format(getattr(obj, known)), getattr(obj, asked)
 
 
 def _count(scene: Scene, rng: random.Random) -> tuple[str, str]:

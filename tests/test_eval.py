@@ -229,3 +229,12 @@ def test_evaluator_max_samples_and_reset() -> None:
     evaluator.reset()
     with pytest.raises(ValueError, match="before any update"):
         evaluator.compute(model, "test")
+
+
+def test_caption_templates_leave_the_attribute_open_and_fill_the_others():
+    from lightning_vlm.eval.zero_shot import caption_templates
+
+    objects = [{"size": "small", "color": "red", "shape": "circle"}, {"size": "large", "color": "blue", "shape": "square"}]
+    assert caption_templates("shape", objects) == ["a large blue {}.", "a large red {}.", "a small blue {}.",
+                                                   "a small red {}."]
+    assert caption_templates("color", objects)[0].format("green") == "a large green circle."

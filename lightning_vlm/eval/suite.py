@@ -11,10 +11,9 @@ import torch
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
 from lightning_vlm.eval.zero_shot import (
-    COLOR_TEMPLATES,
-    SHAPE_TEMPLATES,
     Repr,
     Tokenize,
+    caption_templates,
     concat_reprs,
     device_of,
     encode_texts,
@@ -30,7 +29,8 @@ class ContrastiveEvaluator:
 
     Representations stay on the model's device (``max_samples`` bounds them) and must be a Tensor or a tuple of
     Tensors batched along dim 0; text representations are concatenated across chunks, so they must not depend on
-    the padded length. Colour and shape classes default to the values seen in the evaluated samples.
+    the padded length. Colour and shape classes default to the values seen in the evaluated samples, and their
+    prompts to an ensemble worded like the captions (`caption_templates`).
     """
 
     def __init__(
@@ -39,8 +39,8 @@ class ContrastiveEvaluator:
         max_samples: int | None = None,
         colors: Sequence[str] | None = None,
         shapes: Sequence[str] | None = None,
-        color_templates: Sequence[str] = COLOR_TEMPLATES,
-        shape_templates: Sequence[str] = SHAPE_TEMPLATES,
+        color_templates: Sequence[str] | None = None,
+        shape_templates: Sequence[str] | None = None,
         chunk_size: int = 256,
     ) -> None:
         self.tokenize = tokenize
@@ -106,14 +106,15 @@ class ContrastiveEvaluator:
         rows = [i for i, label in enumerate(labels) if label is not None]
         if not rows:
             return {}
-        seen = sorted({obj[attribute] for meta in self.metas for obj in meta.get("objects", [])})
+        objects = [obj for meta in self.metas for obj in meta.get("objects", [])]
+        seen = sorted({obj[attribute] for obj in objects})
         accuracy = zero_shot_accuracy(
             model,
             self.tokenize,
             select_rows(images, torch.tensor(rows, device=device_of(images))),
             [labels[i] for i in rows],
             list(self.classes[attribute] or seen),
-            self.templates[attribute],
+            self.templates[attribute] or caption_templates(attribute, objects),
             self.chunk_size,
         )
         return {f"zeroshot_{attribute}": accuracy, f"zeroshot_{attribute}_n": float(len(rows))}

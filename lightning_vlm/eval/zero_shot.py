@@ -5,6 +5,7 @@ normalised tensor (Llip conditions the image on the caption inside ``similarity`
 representations generically: a Tensor, or a tuple (or namedtuple) of Tensors, every one batched along dim 0.
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,9 +16,18 @@ from torchmetrics.functional.classification import multiclass_accuracy
 Repr = Tensor | tuple[Tensor, ...]
 Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
 
-# Worded like the synthetic captions ("a large red circle above a small blue square.").
+# Short generic prompts; the evaluator's default is `caption_templates`, worded like the captions themselves.
 SHAPE_TEMPLATES = ("a {}.", "a photo of a {}.", "a {} shape.")
 COLOR_TEMPLATES = ("a {} object.", "a {} shape.", "something {}.")
+OBJECT_PHRASE = "a {size} {color} {shape}."
+
+
+def caption_templates(attribute: str, objects: Sequence[dict[str, Any]]) -> list[str]:
+    """CLIP-style prompt ensembling in the benchmark's own wording: "a {size} {color} {shape}." with `attribute`
+    left open and the other two slots filled with every value seen among `objects`."""
+    others = [slot for slot in ("size", "color", "shape") if slot != attribute]
+    values = [sorted({obj[slot] for obj in objects}) for slot in others]
+    return [OBJECT_PHRASE.format(**dict(zip(others, combo)), **{attribute: "{}"}) for combo in itertools.product(*values)]
 
 
 @torch.no_grad()

@@ -26,6 +26,13 @@ def trainer_defaults() -> dict:
 class VLMCLI(LightningCLI):
     """LightningCLI with our default logger and callbacks, and the default data generated on demand."""
 
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("trainer_defaults", trainer_defaults())
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(**kwargs)
+
     def before_instantiate_classes(self) -> None:
         """Make the default synthetic benchmark before the model reads its tokenizer, if a recipe needs it."""
         config = self.config.get(self.config.subcommand) if self.subcommand else self.config
@@ -36,19 +43,13 @@ class VLMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Add the rich progress bar unless the run turned progress bars off."""
         if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is not False:
-            self.trainer_defaults["callbacks"].append(RichProgressBar())
+            self.trainer_defaults.setdefault("callbacks", []).append(RichProgressBar())
         return super().instantiate_trainer(**kwargs)
 
 
 def run_cli(args: list[str] | None = None) -> VLMCLI:
     """Parse `args` (default: the process arguments) and run the chosen Trainer subcommand."""
-    return VLMCLI(
-        trainer_defaults=trainer_defaults(),
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    return VLMCLI(args=args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ worker dropped since its previous batch, logged by `BadDataLogger`).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from lightning import LightningDataModule
@@ -23,7 +22,6 @@ from lightning_vlm.data.tasks import TaskFormatter, location_tokens
 from lightning_vlm.data.tokenizer import load_tokenizer
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
-log = logging.getLogger(__name__)
 
 
 class ShardDataModule(LightningDataModule):
@@ -172,6 +170,5 @@ def ensure_default_benchmark(root: str | Path) -> None:
     root = Path(root)
     if root.resolve() != DEFAULT_ROOT.resolve() or (root / "dataset.json").is_file():
         return
-    log.warning("default data %s is missing: generating the synthetic benchmark there first", root)
     print(f"[lightning_vlm] {root} is missing: generating the synthetic benchmark there first")
     generate_benchmark(root)

@@ -68,9 +68,9 @@ def test_data_subcommands_dispatch(tiny_benchmark, capsys):
 def test_missing_default_data_is_generated_first_and_said(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     made = []
-    monkeypatch.setattr(datamodule, "generate_benchmark", lambda root: made.append(Path(root)))
+    monkeypatch.setattr(datamodule, "generate_benchmark", lambda root: made.append(Path(root)) or root.mkdir(parents=True))
     datamodule.ensure_default_benchmark("data/synthetic")
-    assert made == [Path("data/synthetic")]
+    assert made == [Path("data/synthetic.partial")] and Path("data/synthetic").is_dir()  # complete, then renamed
     assert "generating the synthetic benchmark" in capsys.readouterr().out
     datamodule.ensure_default_benchmark(tmp_path / "elsewhere")  # not the default place: never generated
     assert len(made) == 1
@@ -81,3 +81,11 @@ def test_evaluation_subcommands_run(subcommand, tiny_benchmark, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     cli = run_cli([subcommand, "--config", str(RECIPES[0]), *tiny_overrides(tiny_benchmark)])
     assert cli.trainer.state.finished
+
+
+def test_other_ranks_wait_for_rank_zero_to_generate(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(datamodule, "generate_benchmark", lambda root: pytest.fail("only rank 0 generates"))
+    with pytest.raises(TimeoutError, match="rank 0"):
+        datamodule.ensure_default_benchmark("data/synthetic", wait_s=0.5)

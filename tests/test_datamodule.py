@@ -49,6 +49,21 @@ def test_batch_dict_and_labels_only_on_targets(tiny_benchmark):
         assert not (supervised & ~mask.bool()).any()  # never on padding
 
 
+@pytest.mark.parametrize("max_length", [6, 9, 12])
+def test_truncation_keeps_the_end_token_and_labels_equal_to_ids(tiny_benchmark, max_length):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"vqa": 1.0}, batch_size=32, max_length=max_length)
+    batch = next(iter(dm.train_dataloader()))
+    tok = dm.tokenizer
+    assert batch["input_ids"].shape[1] <= max_length
+    for ids, labels, mask, meta in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["meta"]):
+        real, lab = ids[mask.bool()], labels[mask.bool()]
+        assert real[-1] == tok.eos_token_id
+        supervised = lab != IGNORE_INDEX
+        assert torch.equal(lab[supervised], real[supervised])
+        prompt_length = 1 + len(tok.encode(meta["prompt"], add_special_tokens=False))
+        assert not supervised[:prompt_length].any() and supervised[prompt_length:].all()
+
+
 def test_vqa_targets_are_answers_of_the_sample(tiny_benchmark):
     dm = ShardDataModule(root=tiny_benchmark, tasks={"vqa": 1.0}, batch_size=32)
     batch = next(iter(dm.train_dataloader()))
@@ -116,15 +131,31 @@ def test_explicit_epoch_size_gives_every_rank_the_same_steps(tiny_benchmark):
         assert [len(b["meta"]) for b in loader] == [8] * 12
 
 
-def test_epochs_reshuffle_and_runs_repeat(tiny_benchmark):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epochs_reshuffle_and_runs_repeat(tiny_benchmark, workers):
     def orders():
-        dm = ShardDataModule(root=tiny_benchmark, batch_size=32, shuffle_buffer=64)
+        dm = ShardDataModule(root=tiny_benchmark, batch_size=32, shuffle_buffer=64, num_workers=workers)
         loader = dm.train_dataloader()
         return keys_of(loader), keys_of(loader)
 
     first, second = orders()
     assert first != second and sorted(first) == sorted(second)
     assert orders() == (first, second)
+
+
+def test_a_resumed_run_reads_its_epoch_in_the_same_order(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, batch_size=32, shuffle_buffer=64)
+    counted = dm.train_dataloader()
+    epochs = [keys_of(counted) for _ in range(3)]
+    resumed = make_loader(counted.dataset, 0, epoch=lambda: 2)  # as a run restored at epoch 2 asks
+    assert keys_of(resumed) == epochs[2] != epochs[1]
+
+
+def test_eval_order_is_the_same_at_every_validation(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"vqa": 1.0}, batch_size=16)
+    loader = dm.eval_loader("val")
+    first = [(m["key"], m["prompt"]) for b in loader for m in b["meta"]]
+    assert first == [(m["key"], m["prompt"]) for b in loader for m in b["meta"]]
 
 
 def test_weighted_sources_mix_by_weight(tiny_benchmark):
@@ -170,4 +201,10 @@ def test_grounding_targets_are_location_tokens_of_the_named_object(tiny_benchmar
 def test_grounding_with_a_tokenizer_lacking_location_tokens_is_a_clear_error(tiny_benchmark):
     dm = ShardDataModule(root=tiny_benchmark, tokenizer=tiny_benchmark, tasks={"grounding": 1.0})
     with pytest.raises(ValueError, match="32 location tokens"):
+        dm.setup()
+
+
+def test_asking_for_a_split_the_data_lacks_is_a_clear_error_before_training(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, val_splits=["val", "minival"])
+    with pytest.raises(ValueError, match="minival"):
         dm.setup()

@@ -38,8 +38,8 @@ class Collator:
         self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
         self.end_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.end_id
-        if self.pad_id is None:
-            raise ValueError(f"tokenizer {tok.name_or_path!r} has no pad, eos or sep token to pad with")
+        if None in (self.start_id, self.end_id, self.pad_id):
+            raise ValueError(f"tokenizer {tok.name_or_path!r} needs BOS or CLS, EOS or SEP, and a pad token")
 
     def __call__(self, examples: list[Example], num_skipped: int = 0, num_read_errors: int = 0) -> dict:
         input_ids, attention_mask, labels = self._pad([self.encode(ex.text) for ex in examples])
@@ -72,9 +72,7 @@ class Collator:
     def encode(self, text: TextExample) -> tuple[list[int], list[int]]:
         """Token ids and labels of one example, truncated to `max_length` (the end token is kept)."""
         prompt = self.tokenizer.encode(text.prompt, add_special_tokens=False) if text.prompt else []
-        target = self.tokenizer.encode(text.target, add_special_tokens=False) + [self.end_id]
-        ids = ([self.start_id] + prompt + target)[: self.max_length - 1]
-        ids = ids + [self.end_id] if ids[-1] != self.end_id else ids
-        supervised = text.task != "contrastive"
-        labels = [IGNORE_INDEX] * (1 + len(prompt)) + (target if supervised else [IGNORE_INDEX] * len(target))
-        return ids, labels[: len(ids)]
+        target = self.tokenizer.encode(text.target, add_special_tokens=False)
+        ids = ([self.start_id] + prompt + target)[: self.max_length - 1] + [self.end_id]
+        supervised = max(0, len(ids) - 1 - len(prompt)) if text.task != "contrastive" else 0  # target + end
+        return ids, [IGNORE_INDEX] * (len(ids) - supervised) + ids[len(ids) - supervised :]

@@ -8,6 +8,9 @@ worker dropped since its previous batch, logged by `BadDataLogger`).
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 from lightning import LightningDataModule
@@ -15,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_vlm.data.collate import Collator
-from lightning_vlm.data.sources import ShardSource, as_sources
+from lightning_vlm.data.sources import MANIFEST, ShardSource, as_sources, read_manifest
 from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
 from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
 from lightning_vlm.data.tasks import TaskFormatter, location_tokens
@@ -74,8 +77,13 @@ class ShardDataModule(LightningDataModule):
         ensure_default_benchmark(self.hparams.root)
 
     def setup(self, stage: str | None = None) -> None:
+        splits = (read_manifest(self.hparams.root) or {}).get("splits")
+        missing = [name for name in self.val_names + self.test_names if splits is not None and name not in splits]
+        if missing:
+            raise ValueError(f"{self.hparams.root} has no split(s) {missing} (it has {sorted(splits)}): "
+                             "set data.init_args.val_splits / test_splits")
         self.tokenizer = self._resolve_tokenizer()
-        if self.hparams.tasks.get("grounding"):
+        if self._grounding():
             missing = set(location_tokens(self.hparams.loc_bins)) - set(self.tokenizer.get_vocab())
             if missing:
                 raise ValueError(f"grounding needs {len(missing)} location tokens the tokenizer lacks: call "
@@ -123,14 +131,15 @@ class ShardDataModule(LightningDataModule):
         collate = Collator(self.tokenizer, self.hparams.max_length)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
-        return make_loader(stream, self.hparams.num_workers)
+        epoch = (lambda: self.trainer.current_epoch) if train and self.trainer is not None else None
+        return make_loader(stream, self.hparams.num_workers, epoch, train)
 
     def _samples_per_epoch(self, sources: list[ShardSource]) -> int | None:
         """The explicit epoch size per rank; under DDP derived from the manifest so ranks stay in step."""
-        if self.hparams.samples_per_epoch is not None or self.hparams.resampled:
-            return self.hparams.samples_per_epoch or _require_count(sources)
         world = self.trainer.world_size if self.trainer else 1
-        return _require_count(sources) // world if world > 1 else None
+        if self.hparams.samples_per_epoch is not None or self.hparams.resampled or world > 1:
+            return self.hparams.samples_per_epoch or _require_count(sources) // world
+        return None
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.hparams.tokenizer:
@@ -139,9 +148,12 @@ class ShardDataModule(LightningDataModule):
         if isinstance(declared, PreTrainedTokenizerBase):
             return declared
         tokenizer = load_tokenizer(self.hparams.root)
-        if self.hparams.tasks.get("grounding"):
+        if self._grounding():
             add_location_tokens(tokenizer, self.hparams.loc_bins)
         return tokenizer
+
+    def _grounding(self) -> bool:
+        return bool(self.hparams.tasks.get("grounding") or (self.hparams.eval_tasks or {}).get("grounding"))
 
     def _image_stats(self) -> tuple[tuple, tuple]:
         model = self._model()
@@ -155,7 +167,7 @@ class ShardDataModule(LightningDataModule):
 
 def add_location_tokens(tokenizer: PreTrainedTokenizerBase, bins: int) -> int:
     """Add the grounding vocabulary to a tokenizer (models must size embeddings from ``len(tokenizer)``)."""
-    return tokenizer.add_tokens(location_tokens(bins))
+    return tokenizer.add_tokens(list(location_tokens(bins)))
 
 
 def _require_count(sources: list[ShardSource]) -> int:
@@ -165,10 +177,24 @@ def _require_count(sources: list[ShardSource]) -> int:
     return sum(counts)
 
 
-def ensure_default_benchmark(root: str | Path) -> None:
-    """Generate the synthetic benchmark at its default place if that is where `root` points and it is absent."""
+def ensure_default_benchmark(root: str | Path, wait_s: float = 600.0) -> None:
+    """Generate the synthetic benchmark at its default place if that is where `root` points and it is absent.
+
+    One process generates (global rank 0, into a temporary folder renamed when complete); the other ranks of a
+    multi-process launch wait for it.
+    """
     root = Path(root)
-    if root.resolve() != DEFAULT_ROOT.resolve() or (root / "dataset.json").is_file():
+    if root.resolve() != DEFAULT_ROOT.resolve() or (root / MANIFEST).is_file():
+        return
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+        deadline = time.monotonic() + wait_s
+        while not (root / MANIFEST).is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not finish generating {root} within {wait_s:.0f} s")
+            time.sleep(1.0)
         return
     print(f"[lightning_vlm] {root} is missing: generating the synthetic benchmark there first")
-    generate_benchmark(root)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    generate_benchmark(partial)
+    partial.rename(root)

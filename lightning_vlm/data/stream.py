@@ -7,7 +7,7 @@ how many batches it owes: with `samples_per_epoch` set, every rank yields the sa
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +60,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         consumer = Consumer(self.rank, self.world_size, worker.id if worker else 0, worker.num_workers if worker else 1)
-        rng = random.Random(f"{self.config.seed}-{self.epoch}-{consumer.index}")
+        seed = f"{self.config.seed}-{self.epoch}"  # fixed here: the generators below run lazily
+        rng = random.Random(f"{seed}-{consumer.index}")
         counter = BadDataCounter()
-        raw = self._mixed(consumer, counter, rng)
+        raw = self._mixed(consumer, counter, rng, seed)
         if self.config.shuffle_buffer > 1:
             raw = _shuffled(raw, self.config.shuffle_buffer, rng)
         examples = (ex for ex in (self._prepare(r, counter, rng) for r in raw) if ex is not None)
@@ -71,9 +72,10 @@ class ShardStream(IterableDataset):
             batches = _take(batches, _share(len(self), consumer))
         return batches
 
-    def _mixed(self, consumer: Consumer, counter: BadDataCounter, rng: random.Random) -> Iterator[dict]:
+    def _mixed(self, consumer: Consumer, counter: BadDataCounter, rng: random.Random, seed: str) -> Iterator[dict]:
         """Raw samples of all sources, drawn by weight while more than one source still has samples."""
-        streams, weights = [self._read(urls, consumer, counter) for urls in self.urls], list(self.weights)
+        streams = [self._read(urls, consumer, counter, seed) for urls in self.urls]
+        weights = list(self.weights)
         while streams:
             i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
             sample = next(streams[i], None)
@@ -82,8 +84,7 @@ class ShardStream(IterableDataset):
             else:
                 yield sample
 
-    def _read(self, urls: list[str], consumer: Consumer, counter: BadDataCounter) -> Iterator[dict]:
-        seed = f"{self.config.seed}-{self.epoch}"
+    def _read(self, urls: list[str], consumer: Consumer, counter: BadDataCounter, seed: str) -> Iterator[dict]:
         if self.config.resampled:
             return resampled(urls, consumer, counter, seed)
         if self.config.samples_per_epoch is not None:
@@ -116,22 +117,30 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that advances its stream's epoch each time it is iterated, so each epoch reshuffles.
+    """A DataLoader that sets its stream's epoch each time iteration starts, so each epoch reshuffles.
 
-    Lightning sets the epoch of samplers only, and an IterableDataset has none; workers receive a fresh copy of
-    the stream (with the new epoch) whenever iteration starts.
+    Lightning sets the epoch of samplers only, and an IterableDataset has none. `epoch` (e.g. the trainer's
+    current epoch, which a resumed run restores) gives the epoch; without it, iterations are counted.
     """
 
+    def __init__(self, stream: ShardStream, num_workers: int, epoch: Callable[[], int] | None = None) -> None:
+        super().__init__(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                         pin_memory=torch.cuda.is_available())
+        self.epoch, self.iterations = epoch, 0
+
     def __iter__(self):
-        iterator = super().__iter__()
-        self.dataset.epoch += 1
-        return iterator
+        self.dataset.epoch = self.epoch() if self.epoch is not None else self.iterations
+        self.iterations += 1
+        return super().__iter__()
 
 
-def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    """A loader over pre-batched streams: no sampler, no re-batching, workers restarted every epoch."""
-    return EpochLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
-                       pin_memory=torch.cuda.is_available())
+def make_loader(stream: ShardStream, num_workers: int, epoch: Callable[[], int] | None = None,
+                train: bool = True) -> DataLoader:
+    """A loader over pre-batched streams (no sampler, no re-batching); training streams reshuffle per epoch."""
+    if train:
+        return EpochLoader(stream, num_workers, epoch)
+    return DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available())
 
 
 def _as_is(batch: dict) -> dict:

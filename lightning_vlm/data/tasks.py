@@ -8,6 +8,7 @@ back to captioning.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,10 +28,11 @@ class TextExample:
     extra: dict = field(default_factory=dict)
 
 
-def location_tokens(bins: int) -> list[str]:
+@functools.cache
+def location_tokens(bins: int) -> tuple[str, ...]:
     """The vocabulary of box coordinates, one token per bin: ``<loc_00>`` ... ."""
     width = len(str(bins - 1))
-    return [f"<loc_{i:0{width}d}>" for i in range(bins)]
+    return tuple(f"<loc_{i:0{width}d}>" for i in range(bins))
 
 
 def box_to_tokens(box: list[float], image_size: int, bins: int) -> str:

@@ -7,7 +7,6 @@ absent on purpose, because colour is a label in the synthetic benchmark.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import re
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ def _mirror_text(value):
 def hflip_sample(sample: RawSample) -> RawSample:
     """The sample seen in a mirror: image flipped, texts' left/right swapped, boxes mirrored."""
     width = sample.image.width
-    info = _mirror_text(copy.deepcopy(sample.info))
+    info = _mirror_text(sample.info)  # rebuilds every dict and list: the original is left untouched
     for obj in info.get("objects", []):
         obj["box"] = mirror_box(obj["box"], width)
     image = sample.image.transpose(0)  # PIL.Image.Transpose.FLIP_LEFT_RIGHT

@@ -69,6 +69,7 @@ class ContrastiveEvaluator:
         evaluated) and binding accuracy, keyed ``{split}/{name}``; parts the metas cannot support are left out."""
         if not self.metas:
             raise ValueError("ContrastiveEvaluator.compute called before any update")
+        self._gather_ranks()
         images = concat_reprs(self.image_reprs)
         captions = [meta["caption"] for meta in self.metas]
         metrics = self._retrieval(model, images, captions)
@@ -76,6 +77,17 @@ class ContrastiveEvaluator:
         for attribute in ("color", "shape"):
             metrics.update(self._zero_shot(model, images, attribute))
         return {f"{split}/{name}": value for name, value in metrics.items()}
+
+    def _gather_ranks(self) -> None:
+        """Under DDP every rank holds part of the split: collect all of it, so every rank scores the whole gallery."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        device = device_of(concat_reprs(self.image_reprs))
+        local = ([move_repr(r, "cpu") for r in self.image_reprs], self.metas)
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+        self.image_reprs = [move_repr(r, device) for reprs, _ in parts for r in reprs]
+        self.metas = [meta for _, metas in parts for meta in metas]
 
     def _retrieval(self, model: Any, images: Repr, captions: list[str]) -> dict[str, float]:
         """Recall@K against the distinct captions: copies of one synthetic caption would otherwise fill a top K."""
@@ -118,6 +130,14 @@ class ContrastiveEvaluator:
             self.chunk_size,
         )
         return {f"zeroshot_{attribute}": accuracy, f"zeroshot_{attribute}_n": float(len(rows))}
+
+
+def move_repr(repr_: Repr, device: torch.device | str) -> Repr:
+    """A representation (Tensor or tuple of Tensors) on `device`."""
+    if isinstance(repr_, torch.Tensor):
+        return repr_.to(device)
+    return type(repr_)(*(part.to(device) for part in repr_)) if hasattr(repr_, "_fields") else tuple(
+        part.to(device) for part in repr_)
 
 
 def shared_value(objects: Sequence[dict[str, Any]], attribute: str) -> str | None:

@@ -5,16 +5,32 @@ Rank and world size are read when called, never stored, so the same loss runs on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_local_only = False
+
 
 def _world() -> tuple[int, int]:
     """(rank, world size) of the default group, or (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _local_only:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def local_batch() -> Iterator[None]:
+    """Within it, losses see this rank's batch only: evaluation batches may differ in size between ranks."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -6,7 +6,6 @@ import math
 
 import torch
 from lightning import LightningModule
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase
 
@@ -32,13 +31,16 @@ class VLMParadigm(LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, param in self.named_parameters():
+        for param in self.parameters():
             if param.requires_grad:
-                (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+                (no_decay if param.ndim < 2 else decay).append(param)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
-        total = max(1, self.trainer.estimated_stepping_batches)
-        schedule = LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr_ratio))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError("the LR schedule needs the run's length: set trainer.max_steps, or max_epochs with "
+                             "data.samples_per_epoch (a streamed epoch has no length of its own)")
+        schedule = LambdaLR(optimizer, warmup_cosine(self.warmup_steps, int(total), self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def log_losses(self, stage: str, losses: LossOutput, batch_size: int) -> None:
@@ -61,9 +63,3 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    return (sum(p.numel() for p in module.parameters() if p.requires_grad),
-            sum(p.numel() for p in module.parameters()))

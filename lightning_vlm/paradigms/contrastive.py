@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.eval import ContrastiveEvaluator
+from lightning_vlm.losses.distributed import local_batch
+from lightning_vlm.losses.output import LossOutput
 from lightning_vlm.paradigms.base import VLMParadigm
 
 
@@ -23,12 +25,13 @@ class Contrastive(VLMParadigm):
         self.eval_max_samples = eval_max_samples
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        losses = self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+        losses = self._losses(batch)
         self.log_losses("train", losses, batch_size=len(batch["meta"]))
         return losses.total
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        losses = self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+        with local_batch():  # eval batches need not match across ranks; the suite gathers what it scores
+            losses = self._losses(batch)
         self.log_losses(self._split(dataloader_idx), losses, batch_size=len(batch["meta"]))
         self._evaluator(dataloader_idx).update(self.model, batch)
 
@@ -56,6 +59,9 @@ class Contrastive(VLMParadigm):
     @property
     def image_std(self) -> tuple[float, ...]:
         return self.model.vision.data_config["std"]
+
+    def _losses(self, batch: dict) -> LossOutput:
+        return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
 
     def _evaluator(self, dataloader_idx: int) -> ContrastiveEvaluator:
         if dataloader_idx not in self.evaluators:

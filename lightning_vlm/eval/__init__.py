@@ -3,13 +3,12 @@
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
 from lightning_vlm.eval.suite import ContrastiveEvaluator
-from lightning_vlm.eval.zero_shot import COLOR_TEMPLATES, SHAPE_TEMPLATES, zero_shot_accuracy
+from lightning_vlm.eval.zero_shot import caption_templates, zero_shot_accuracy
 
 __all__ = [
-    "COLOR_TEMPLATES",
-    "SHAPE_TEMPLATES",
     "ContrastiveEvaluator",
     "binding_accuracy",
+    "caption_templates",
     "retrieval_recall",
     "zero_shot_accuracy",
 ]

@@ -16,9 +16,6 @@ from torchmetrics.functional.classification import multiclass_accuracy
 Repr = Tensor | tuple[Tensor, ...]
 Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
 
-# Short generic prompts; the evaluator's default is `caption_templates`, worded like the captions themselves.
-SHAPE_TEMPLATES = ("a {}.", "a photo of a {}.", "a {} shape.")
-COLOR_TEMPLATES = ("a {} object.", "a {} shape.", "something {}.")
 OBJECT_PHRASE = "a {size} {color} {shape}."
 
 

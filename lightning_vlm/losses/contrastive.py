@@ -28,8 +28,13 @@ def scale_logits(cosine: Tensor, logit_scale: Tensor, logit_bias: Tensor | None 
     The clamp happens here, in the forward pass (the parameter itself is never modified); at the bound the
     scale gets no gradient, which caps the temperature as CLIP does.
     """
-    logits = logit_scale.clamp(0.0, LOGIT_SCALE_MAX).exp() * cosine
+    logits = temperature(logit_scale) * cosine
     return logits if logit_bias is None else logits + logit_bias
+
+
+def temperature(logit_scale: Tensor) -> Tensor:
+    """The multiplier t = exp(logit_scale), the log-scale clamped to [0, ln 100]."""
+    return logit_scale.clamp(0.0, LOGIT_SCALE_MAX).exp()
 
 
 def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
@@ -63,7 +68,7 @@ def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_
 
 def _scale_stats(logit_scale: Tensor, logit_bias: Tensor | None) -> dict[str, Tensor]:
     """Detached t = exp(clamped logit_scale) and bias, for logging."""
-    stats = {"logit_scale": logit_scale.detach().clamp(0.0, LOGIT_SCALE_MAX).exp()}
+    stats = {"logit_scale": temperature(logit_scale.detach())}
     if logit_bias is not None:
         stats["logit_bias"] = logit_bias.detach()
     return stats

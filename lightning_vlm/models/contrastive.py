@@ -53,6 +53,10 @@ class ContrastiveHeads(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
 
+    def embed_text(self, pooled: Tensor) -> Tensor:
+        """(N, D_text) pooled caption features -> (N, E) normalised caption embeddings."""
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
 
 class DualEncoder(nn.Module):
     """CLIP / SigLIP: pooled image and text features, projected and L2-normalised, scored by scaled dot product.
@@ -88,7 +92,7 @@ class DualEncoder(nn.Module):
 
     def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(N, L) -> (N, E) normalised."""
-        return F.normalize(self.heads.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
+        return self.heads.embed_text(self.text(input_ids, attention_mask).pooled)
 
     def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
         """(N_img, N_txt) logits exactly as the losses see them (sigmoid of them is SigLIP's match probability)."""
@@ -156,7 +160,7 @@ class Llip(nn.Module):
 
     def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(N, L) -> (N, E) normalised caption embeddings."""
-        return F.normalize(self.heads.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
+        return self.heads.embed_text(self.text(input_ids, attention_mask).pooled)
 
     def similarity(self, image_repr: Tensor, text_repr: Tensor, max_pairs: int = 2**20) -> Tensor:
         """(N_img, N_txt) logits, conditioning every image on every caption; images in chunks of <= max_pairs pairs."""

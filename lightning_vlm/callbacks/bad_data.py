@@ -8,7 +8,7 @@ from lightning import Callback, LightningModule, Trainer
 class BadDataLogger(Callback):
     """Sums the per-batch counts the DataModule's workers attach and logs the running totals.
 
-    Totals are restored on resume, so the metric counts the whole run.
+    Totals are restored on resume, so the metric counts the whole run, over all ranks.
     """
 
     def __init__(self) -> None:
@@ -21,7 +21,7 @@ class BadDataLogger(Callback):
         self.skipped += int(batch.get("num_skipped", 0))
         self.read_errors += int(batch.get("num_read_errors", 0))
         pl_module.log_dict({"data/skipped_samples": float(self.skipped), "data/read_errors": float(self.read_errors)},
-                           reduce_fx="sum", sync_dist=False, batch_size=1)
+                           reduce_fx="sum", sync_dist=True, batch_size=1)  # every rank's running total, summed
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "read_errors": self.read_errors}

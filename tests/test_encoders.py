@@ -67,8 +67,11 @@ def test_text_encoder_from_config(pooling: str) -> None:
     out = enc(ids, mask)
     assert enc.width == 64 and enc.model.config.vocab_size == VOCAB
     assert out.tokens.shape == (3, 7, 64) and out.pooled.shape == (3, 64)
-    expected = out.tokens[:, 0] if pooling == "cls" else out.tokens[0, :4].mean(0)
+    hidden = enc.model(input_ids=ids, attention_mask=mask).last_hidden_state  # the transformer's own output
+    assert torch.allclose(out.tokens, hidden, atol=1e-6)
+    expected = hidden[:, 0] if pooling == "cls" else hidden[0, :4].mean(0)  # caption 0 has 4 real tokens
     assert torch.allclose(out.pooled if pooling == "cls" else out.pooled[0], expected, atol=1e-6)
+    assert not torch.allclose(out.pooled[0], hidden[0, 1], atol=1e-3)  # pooling reads one position, not any
 
 
 def test_text_encoder_from_pretrained_folder(tmp_path) -> None:

@@ -208,3 +208,21 @@ def test_asking_for_a_split_the_data_lacks_is_a_clear_error_before_training(tiny
     dm = ShardDataModule(root=tiny_benchmark, val_splits=["val", "minival"])
     with pytest.raises(ValueError, match="minival"):
         dm.setup()
+
+
+def test_png_webp_and_jpg_shards_decode_to_the_same_batch(tiny_benchmark, tmp_path):
+    from lightning_vlm.data.convert import convert_image_folder
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for fmt in ("png", "webp", "jpeg"):
+        Image.new("RGB", (64, 64), "red").save(images / f"red.{fmt}", format=fmt.upper())
+        rows.append(f"red.{fmt},a large red square.")
+    (tmp_path / "captions.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    convert_image_folder(images, tmp_path / "captions.csv", tmp_path / "out")
+    dm = ShardDataModule(root=str(tmp_path / "out"), tokenizer=tiny_benchmark, val_splits=[], test_splits=[],
+                         batch_size=3, shuffle_buffer=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["num_skipped"] == 0
+    assert torch.allclose(batch["pixel_values"][0], batch["pixel_values"][1], atol=0.05)  # lossless vs lossy

@@ -18,7 +18,8 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-MANIFEST = "dataset.json"
+from lightning_vlm.data.sources import MANIFEST, read_manifest
+
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_COLUMNS = ("image", "file_name")
@@ -167,7 +168,7 @@ def write_shards(
 def update_manifest(out: Path, split: str, count: int, shards: list[str], source: dict[str, str]) -> None:
     """Set one split in ``out/dataset.json`` (created if absent; other splits kept), written atomically."""
     path = out / MANIFEST
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    manifest = read_manifest(out) or {}
     manifest["version"] = MANIFEST_VERSION
     for name, value in (("counts", count), ("splits", shards), ("source", source)):
         manifest.setdefault(name, {})[split] = value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +11,8 @@ from typing import IO, Any
 from braceexpand import braceexpand
 from PIL import Image
 
-MANIFEST = "dataset.json"
+from lightning_vlm.data.sources import MANIFEST, read_manifest
+
 IMAGE_KEYS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"}
 SHOWN_SIZES = 5
 SHOWN_CHARS = 160
@@ -67,8 +67,7 @@ def find_shards(path: Path | str) -> dict[str, list[Path]]:
 
 def _manifest(path: Path) -> dict[str, Any]:
     """The dataset manifest of a root folder, or an empty dict when there is none."""
-    manifest = path / MANIFEST
-    return json.loads(manifest.read_text(encoding="utf-8")) if path.is_dir() and manifest.is_file() else {}
+    return read_manifest(path) or {}
 
 
 def _read_shard(shard: Path, stats: SplitStats, keep: int) -> None:

@@ -22,6 +22,7 @@ from webdataset import TarWriter
 from lightning_vlm.data.language import caption, hard_negatives, questions
 from lightning_vlm.data.render import encode_jpeg, render
 from lightning_vlm.data.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, sample_scene
+from lightning_vlm.data.sources import MANIFEST
 from lightning_vlm.data.tokenizer import FILE_NAME, train_tokenizer
 
 VERSION = "synthetic-v1"
@@ -93,7 +94,7 @@ def generate_benchmark(
         "words": list(WORDS),
         "held_out_combinations": [list(pair) for pair in HELD_OUT],
     }
-    (root / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {sum(sizes.values())} samples and {FILE_NAME} to {root} ({time.perf_counter() - began:.1f}s)")
     return manifest
 

@@ -51,6 +51,38 @@ def test_clip_loss_matches_loop_reference() -> None:
     assert clip_loss(img, txt, scale).item() == pytest.approx(_reference_clip(img, txt, 1 / 0.07), rel=1e-5)
 
 
+def _reference_negclip(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, t: float) -> float:
+    """NegCLIP written out: image i's softmax runs over every caption and every negative; caption j's over images."""
+    n, total = img.shape[0], 0.0
+    for i in range(n):
+        row = [t * float(img[i] @ c) for c in torch.cat([txt, neg])]
+        col = [t * float(txt[i] @ img[j]) for j in range(n)]
+        total += -(row[i] - math.log(sum(math.exp(r) for r in row)))
+        total += -(col[i] - math.log(sum(math.exp(c) for c in col)))
+    return total / (2 * n)
+
+
+def test_clip_loss_with_hard_negatives_matches_loop_reference() -> None:
+    img, txt = _embeddings(seed=3)
+    neg = _embeddings(n=12, seed=4)[0]
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[[2, 7]] = False  # padded slots: as if those two negatives were never there
+    expected = _reference_negclip(img, txt, neg[valid], 10.0)
+    assert clip_loss(img, txt, torch.tensor(math.log(10.0)), neg, valid).item() == pytest.approx(expected, rel=1e-5)
+    assert clip_loss(img, txt, torch.tensor(math.log(10.0)), neg).item() == pytest.approx(
+        _reference_negclip(img, txt, neg, 10.0), rel=1e-5)
+
+
+def test_siglip_loss_with_hard_negatives_counts_them_as_negative_pairs() -> None:
+    img, txt = _embeddings(seed=5)
+    neg = _embeddings(n=12, seed=6)[0]
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[0] = False
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    expected = _reference_sigmoid(10.0 * img @ torch.cat([txt, neg[valid]]).T - 10.0, offset=0)
+    assert siglip_loss(img, txt, scale, bias, neg, valid).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_clip_loss_of_identical_embeddings_is_ln_n() -> None:
     same = F.normalize(torch.ones(4, 8), dim=-1)  # every logit equal -> uniform 4-way softmax
     assert clip_loss(same, same, torch.tensor(2.0)).item() == pytest.approx(math.log(4), rel=1e-6)

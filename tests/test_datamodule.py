@@ -71,6 +71,27 @@ def test_vqa_targets_are_answers_of_the_sample(tiny_benchmark):
         assert {"question": meta["prompt"], "answer": meta["target"], "skill": meta["skill"]} in meta["qa"]
 
 
+def test_hard_negatives_are_the_samples_own_swaps_in_training_only(tiny_benchmark):
+    k = 4  # one-object scenes have 3 swaps (no relation): their fourth slot is padding
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1.0}, batch_size=16, hard_negatives=k, hflip=0.5)
+    batch = next(iter(dm.train_dataloader()))
+    tok = dm.tokenizer
+    assert batch["negative_input_ids"].shape[0] == batch["negative_valid"].shape[0] == 16 * k
+    texts = tok.batch_decode(batch["negative_input_ids"], skip_special_tokens=True)
+    for i, meta in enumerate(batch["meta"]):
+        swaps = {neg["caption"] for neg in meta["hard_negatives"]}  # the json's swaps, mirrored with the image
+        own = [t for t, v in zip(texts[k * i:k * i + k], batch["negative_valid"][k * i:k * i + k]) if v]
+        assert len(own) == min(k, len(swaps)) and len(set(own)) == len(own)  # drawn without replacement
+        assert {t.replace(" .", ".") for t in own} <= {_spaced(c, tok) for c in swaps}
+    assert not batch["negative_valid"].all()
+    assert "negative_input_ids" not in next(iter(dm.val_dataloader()[0]))  # eval losses stay the plain ones
+
+
+def _spaced(caption: str, tok) -> str:
+    """A caption as decoding its tokens writes it back."""
+    return tok.decode(tok.encode(caption, add_special_tokens=False)).replace(" .", ".")
+
+
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members:

@@ -25,8 +25,8 @@ from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses import CLIPLoss, LlipLoss, LossOutput, SigLIPLoss
 from lightning_vlm.models import ContrastiveOutput, Llip
 
-WORLD, GLOBAL_BATCH, VOCAB = 2, 8, 40
-CASES = ["clip", "siglip", "llip"]
+WORLD, GLOBAL_BATCH, VOCAB, NEGATIVES = 2, 8, 40, 2
+CASES = ["clip", "siglip", "llip", "clip+negatives", "siglip+negatives", "llip+negatives"]
 
 
 class TinyTowers(nn.Module):
@@ -42,24 +42,39 @@ class TinyTowers(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-2.0)) if bias else None
 
-    def forward(self, images: Tensor, texts: Tensor) -> ContrastiveOutput:
+    def forward(
+        self, images: Tensor, texts: Tensor, negatives: Tensor | None = None, valid: Tensor | None = None
+    ) -> ContrastiveOutput:
         image_emb, text_emb = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
-        return ContrastiveOutput(image_emb, text_emb, self.logit_scale, self.logit_bias)
+        negative_emb = None if negatives is None else F.normalize(self.text(negatives), dim=-1)
+        return ContrastiveOutput(image_emb, text_emb, self.logit_scale, self.logit_bias, negative_emb, valid)
+
+
+def _tokens(n: int) -> tuple[Tensor, Tensor]:
+    ids = torch.randint(0, VOCAB, (n, 6))
+    mask = torch.ones_like(ids)
+    mask[::3, 4:] = 0
+    return ids, mask
 
 
 def _case(name: str) -> tuple[nn.Module, nn.Module, tuple[Tensor, ...]]:
-    """The same seeded model, loss and global batch in every process."""
+    """The same seeded model, loss and global batch in every process; "+negatives" adds NEGATIVES hard-negative
+    captions per pair, one padded slot among them (valid False)."""
     torch.manual_seed(0)
-    if name == "llip":
+    paradigm, negatives = name.split("+")[0], name.endswith("+negatives")
+    valid = torch.ones(GLOBAL_BATCH * NEGATIVES, dtype=torch.bool)
+    valid[3] = False
+    if paradigm == "llip":
         vision = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=3,
                                overrides=dict(img_size=16, patch_size=8, depth=1, embed_dim=32, num_heads=2))
         model = Llip(vision, TextEncoder(vocab_size=VOCAB, config={"num_hidden_layers": 1}), embed_dim=16)
-        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, 6))
-        mask = torch.ones_like(ids)
-        mask[::3, 4:] = 0
-        return model.eval(), LlipLoss(), (torch.randn(GLOBAL_BATCH, 3, 16, 16), ids, mask)  # eval: no dropout
-    loss = CLIPLoss() if name == "clip" else SigLIPLoss()
-    return TinyTowers(bias=name == "siglip"), loss, (torch.randn(GLOBAL_BATCH, 6), torch.randn(GLOBAL_BATCH, 5))
+        inputs = (torch.randn(GLOBAL_BATCH, 3, 16, 16), *_tokens(GLOBAL_BATCH))
+        extra = (*_tokens(GLOBAL_BATCH * NEGATIVES), valid) if negatives else ()
+        return model.eval(), LlipLoss(), inputs + extra  # eval: no dropout
+    loss = CLIPLoss() if paradigm == "clip" else SigLIPLoss()
+    inputs = (torch.randn(GLOBAL_BATCH, 6), torch.randn(GLOBAL_BATCH, 5))
+    extra = (torch.randn(GLOBAL_BATCH * NEGATIVES, 5), valid) if negatives else ()
+    return TinyTowers(bias=paradigm == "siglip"), loss, inputs + extra
 
 
 def _loss_and_grads(model: nn.Module, loss_fn: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
@@ -74,8 +89,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     for name in CASES:
         model, loss_fn, inputs = _case(name)
-        shard = GLOBAL_BATCH // WORLD
-        local = tuple(x[rank * shard:(rank + 1) * shard] for x in inputs)
+        local = tuple(x.chunk(WORLD)[rank] for x in inputs)  # pairs and their negatives, split alike
         ddp = DistributedDataParallel(model)
         results[name] = {k.removeprefix("module."): v for k, v in _loss_and_grads(ddp, loss_fn, local).items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")

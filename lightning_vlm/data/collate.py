@@ -2,7 +2,11 @@
 
 Text layout: ``[BOS] prompt target [EOS]`` (``[CLS] ... [SEP]`` for tokenizers without BOS/EOS, as BERT).
 Labels are an unshifted copy of the ids on ``target [EOS]`` and -100 elsewhere; the causal shift happens
-in exactly one place, the LM loss. Contrastive examples carry no labels at all.
+in exactly one place, the LM loss. Contrastive examples carry no labels at all; their hard-negative captions,
+when drawn, come as ``negative_input_ids`` / ``negative_attention_mask`` (B * k, L), example by example, with
+``negative_valid`` (B * k,) False where an example had fewer than k. With a ``caption_tokenizer`` (a second
+text consumer, e.g. BLIP-2's Q-Former beside its LM), every example's caption is also tokenised by it, laid out
+as a contrastive text: ``caption_input_ids`` / ``caption_attention_mask``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ class Collator:
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 64
+    caption_tokenizer: PreTrainedTokenizerBase | None = None
 
     def __post_init__(self) -> None:
+        self._captions = Collator(self.caption_tokenizer, self.max_length) if self.caption_tokenizer else None
         tok = self.tokenizer
         self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
         self.end_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
@@ -43,7 +49,7 @@ class Collator:
 
     def __call__(self, examples: list[Example], num_skipped: int = 0, num_read_errors: int = 0) -> dict:
         input_ids, attention_mask, labels = self._pad([self.encode(ex.text) for ex in examples])
-        return {
+        batch = {
             "pixel_values": torch.stack([ex.pixel_values for ex in examples]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -52,10 +58,29 @@ class Collator:
             "num_skipped": num_skipped,
             "num_read_errors": num_read_errors,
         }
+        negatives = [text for ex in examples for text in ex.text.negatives]
+        if negatives:
+            batch["negative_input_ids"], batch["negative_attention_mask"] = self.tokenize([t or "" for t in negatives])
+            batch["negative_valid"] = torch.tensor([t is not None for t in negatives])
+        if self._captions is not None:
+            captions = [ex.meta["caption"] for ex in examples]
+            batch["caption_input_ids"], batch["caption_attention_mask"] = self._captions.tokenize(captions)
+        return batch
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of plain texts laid out as contrastive examples (for evaluation prompts)."""
         input_ids, attention_mask, _ = self._pad([self.encode(TextExample("contrastive", "", t)) for t in texts])
+        return input_ids, attention_mask
+
+    def prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of ``[BOS] prompt``, LEFT-padded: the layout generation continues from."""
+        rows = [[self.start_id] + (self.tokenizer.encode(p, add_special_tokens=False) if p else []) for p in prompts]
+        length = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, length - len(ids):] = torch.tensor(ids)
+            attention_mask[i, length - len(ids):] = 1
         return input_ids, attention_mask
 
     def _pad(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,7 +2,11 @@
 
 Batch fields: ``pixel_values`` (B, 3, H, W) normalised; ``input_ids``, ``attention_mask``, ``labels`` (B, L)
 with labels -100 wherever no loss applies; ``meta`` (list of per-sample dicts: key, task, caption, prompt,
-target, objects, qa, hard_negatives, flipped); ``num_skipped`` / ``num_read_errors`` (bad data this batch's
+target, objects, qa, hard_negatives, flipped); with ``hard_negatives: k`` training batches of contrastive
+examples add ``negative_input_ids`` / ``negative_attention_mask`` / ``negative_valid`` (see `Collator`); a model
+with a second text consumer that reads captions (BLIP-2's Q-Former) declares ``caption_tokenizer`` and
+batches add ``caption_input_ids`` / ``caption_attention_mask``;
+``num_skipped`` / ``num_read_errors`` (bad data this batch's
 worker dropped since its previous batch, logged by `BadDataLogger`).
 """
 
@@ -40,6 +44,8 @@ class ShardDataModule(LightningDataModule):
         samples_per_epoch: training samples per rank per epoch (shards repeat); derived from the manifest
             under DDP so every rank runs the same number of steps.
         image_mean / image_std: None takes the model's (its vision backbone's) statistics, else CLIP's.
+        hard_negatives: hard-negative captions per contrastive training example, drawn from the json's swaps
+            (NegCLIP); contrastive losses score them as extra negatives. Evaluation batches carry none.
     """
 
     def __init__(
@@ -65,11 +71,13 @@ class ShardDataModule(LightningDataModule):
         resampled: bool = False,
         caption_prompt: str = "",
         loc_bins: int = 32,
+        hard_negatives: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.caption_tokenizer: PreTrainedTokenizerBase | None = None
         self.val_names, self.test_names = list(val_splits), list(test_splits)
 
     def prepare_data(self) -> None:
@@ -83,6 +91,7 @@ class ShardDataModule(LightningDataModule):
             raise ValueError(f"{self.hparams.root} has no split(s) {missing} (it has {sorted(splits)}): "
                              "set data.init_args.val_splits / test_splits")
         self.tokenizer = self._resolve_tokenizer()
+        self.caption_tokenizer = getattr(self._model(), "caption_tokenizer", None)
         if self._grounding():
             missing = set(location_tokens(self.hparams.loc_bins)) - set(self.tokenizer.get_vocab())
             if missing:
@@ -127,8 +136,10 @@ class ShardDataModule(LightningDataModule):
             hflip=self.hparams.hflip if train else 0.0,
             crop_scale=self.hparams.crop_scale if train else None,
         )
-        formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins)
-        collate = Collator(self.tokenizer, self.hparams.max_length)
+        negatives = self.hparams.hard_negatives if train else 0  # eval losses stay comparable across recipes
+        formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins,
+                                  hard_negatives=negatives)
+        collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
         epoch = (lambda: self.trainer.current_epoch) if train and self.trainer is not None else None

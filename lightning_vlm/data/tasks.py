@@ -4,6 +4,9 @@ Tasks mix by weight per recipe: ``contrastive`` (the caption alone, no LM loss),
 (a question–answer pair from the sample's json), ``grounding`` (name an object, answer with its box as
 discretised location tokens). A task a sample cannot serve (plain caption data has no questions) falls
 back to captioning.
+
+Contrastive examples may also carry ``hard_negatives`` captions from the sample's json (NegCLIP, Yuksekgonul
+et al., 2023): the same scene with one colour, shape, size or relation swapped, scored as extra negatives.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ TASKS = ("contrastive", "caption", "vqa", "grounding")
 
 @dataclass
 class TextExample:
-    """The text side of a training example; only `target` carries labels (none for contrastive)."""
+    """The text side of a training example; only `target` carries labels (none for contrastive).
+
+    ``negatives``: hard-negative captions of a contrastive example, a fixed number per example; None pads a
+    slot the sample had no negative for.
+    """
 
     task: str
     prompt: str
     target: str
     extra: dict = field(default_factory=dict)
+    negatives: list[str | None] = field(default_factory=list)
 
 
 @functools.cache
@@ -43,12 +51,14 @@ def box_to_tokens(box: list[float], image_size: int, bins: int) -> str:
 
 @dataclass
 class TaskFormatter:
-    """Draws a task per sample by weight and writes its prompt and target."""
+    """Draws a task per sample by weight and writes its prompt and target; contrastive examples get
+    ``hard_negatives`` negative captions drawn without replacement from the sample's json."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     caption_prompt: str = ""
     grounding_template: str = "where is the {name}?"
     loc_bins: int = 32
+    hard_negatives: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASKS)
@@ -69,8 +79,14 @@ class TaskFormatter:
                 target = box_to_tokens(obj["box"], image_size, self.loc_bins)
                 return TextExample("grounding", self.grounding_template.format(name=name), target, {"box": obj["box"]})
         if task == "contrastive":
-            return TextExample("contrastive", "", sample.caption)
+            return TextExample("contrastive", "", sample.caption, negatives=self._negatives(sample, rng))
         return TextExample("caption", self.caption_prompt, sample.caption)
+
+    def _negatives(self, sample: RawSample, rng: random.Random) -> list[str | None]:
+        """``hard_negatives`` captions of the sample's swaps, padded with None when it has fewer."""
+        pool = [neg["caption"] for neg in sample.info.get("hard_negatives", [])]
+        drawn = rng.sample(pool, min(self.hard_negatives, len(pool))) if self.hard_negatives else []
+        return drawn + [None] * (self.hard_negatives - len(drawn))
 
 
 def _uniquely_named(objects: list[dict]) -> list[tuple[str, dict]]:

@@ -50,6 +50,11 @@ class ContrastiveEvaluator:
         self.chunk_size = chunk_size
         self.reset()
 
+    @property
+    def full(self) -> bool:
+        """Whether ``max_samples`` samples are held already."""
+        return self.max_samples is not None and len(self.metas) >= self.max_samples
+
     def reset(self) -> None:
         """Forget every accumulated sample."""
         self.image_reprs: list[Repr] = []

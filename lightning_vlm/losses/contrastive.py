@@ -1,7 +1,9 @@
 """Contrastive losses: CLIP's symmetric InfoNCE, SigLIP's pairwise sigmoid loss, and Llip's use of the latter.
 
 Every function computes this rank's rows against columns gathered from all ranks (gradients kept), so the
-mean over ranks of the per-rank loss equals the loss of one process on the global batch.
+mean over ranks of the per-rank loss equals the loss of one process on the global batch. Hard-negative
+captions (NegCLIP, Yuksekgonul et al., 2023) join as extra text columns after the captions: negatives for
+the images only, since a negative caption has no image of its own; padded slots are masked out.
 """
 
 from __future__ import annotations
@@ -37,33 +39,72 @@ def temperature(logit_scale: Tensor) -> Tensor:
     return logit_scale.clamp(0.0, LOGIT_SCALE_MAX).exp()
 
 
-def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
-    """CLIP's symmetric cross-entropy over normalised (n, D) embeddings; open_clip's local_loss + gather_with_grad."""
+def text_columns(
+    text_emb: Tensor, negative_emb: Tensor | None = None, negative_valid: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Every rank's captions, then every rank's hard negatives (gathered with gradients), and which of these
+    columns are real: None when there are no negatives, else a bool mask over all columns."""
+    columns = gather_with_grad(text_emb)
+    if negative_emb is None:
+        return columns, None
+    if negative_valid is None:
+        negative_valid = torch.ones(negative_emb.shape[0], dtype=torch.bool, device=negative_emb.device)
+    valid = gather_with_grad(negative_valid.to(negative_emb.dtype)) > 0.5  # float: gloo gathers no bools
+    valid = torch.cat([torch.ones(columns.shape[0], dtype=torch.bool, device=valid.device), valid])
+    return torch.cat([columns, gather_with_grad(negative_emb)]), valid
+
+
+def clip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    negative_emb: Tensor | None = None,
+    negative_valid: Tensor | None = None,
+) -> Tensor:
+    """CLIP's symmetric cross-entropy over normalised (n, D) embeddings; open_clip's local_loss + gather_with_grad.
+
+    Hard negatives widen the image-to-text softmax only (NegCLIP).
+    """
     n = image_emb.shape[0]
     labels = torch.arange(n, device=image_emb.device) + rank_offset(n)
-    logits_per_image = scale_logits(image_emb @ gather_with_grad(text_emb).T, logit_scale)
+    columns, valid = text_columns(text_emb, negative_emb, negative_valid)
+    logits_per_image = scale_logits(image_emb @ columns.T, logit_scale)
+    if valid is not None:
+        logits_per_image = logits_per_image.masked_fill(~valid, float("-inf"))
     logits_per_text = scale_logits(text_emb @ gather_with_grad(image_emb).T, logit_scale)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def sigmoid_pair_loss(logits: Tensor, positive_offset: int) -> Tensor:
-    """SigLIP's loss on (n_local, n_all) pair logits whose positives sit at (i, positive_offset + i).
+def sigmoid_pair_loss(logits: Tensor, positive_offset: int, valid: Tensor | None = None) -> Tensor:
+    """SigLIP's loss on (n_local, n_columns) pair logits whose positives sit at (i, positive_offset + i).
 
-    -sum_ij log sigmoid(z_ij * logits_ij) / n_local, with z = +1 for positives and -1 otherwise.
+    -sum_ij log sigmoid(z_ij * logits_ij) / n_local, with z = +1 for positives and -1 otherwise; columns
+    with ``valid`` False (padded hard negatives) count nothing.
     """
     rows = torch.arange(logits.shape[0], device=logits.device)
     signs = torch.full_like(logits, -1.0)
     signs[rows, rows + positive_offset] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+    pair_losses = -F.logsigmoid(signs * logits)
+    if valid is not None:
+        pair_losses = pair_losses * valid
+    return pair_losses.sum() / logits.shape[0]
 
 
-def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
-    """SigLIP: local images against all gathered texts in one all_gather.
+def siglip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    negative_emb: Tensor | None = None,
+    negative_valid: Tensor | None = None,
+) -> Tensor:
+    """SigLIP: local images against all gathered texts (and hard negatives) in one all_gather.
 
     The paper's chunked ring exchange of text shards gives the same value with less peak memory; not needed here.
     """
-    logits = scale_logits(image_emb @ gather_with_grad(text_emb).T, logit_scale, logit_bias)
-    return sigmoid_pair_loss(logits, rank_offset(image_emb.shape[0]))
+    columns, valid = text_columns(text_emb, negative_emb, negative_valid)
+    logits = scale_logits(image_emb @ columns.T, logit_scale, logit_bias)
+    return sigmoid_pair_loss(logits, rank_offset(image_emb.shape[0]), valid)
 
 
 def _scale_stats(logit_scale: Tensor, logit_bias: Tensor | None) -> dict[str, Tensor]:
@@ -78,7 +119,7 @@ class CLIPLoss(nn.Module):
     """CLIP (Radford et al., 2021): symmetric InfoNCE with a learnable temperature; term "itc"."""
 
     def forward(self, out: ContrastiveOutput) -> LossOutput:
-        loss = clip_loss(out.image_emb, out.text_emb, out.logit_scale)
+        loss = clip_loss(out.image_emb, out.text_emb, out.logit_scale, out.negative_emb, out.negative_valid)
         return LossOutput.from_terms({"itc": loss}, _scale_stats(out.logit_scale, None))
 
 
@@ -88,7 +129,9 @@ class SigLIPLoss(nn.Module):
     def forward(self, out: ContrastiveOutput) -> LossOutput:
         if out.logit_bias is None:
             raise ValueError("SigLIPLoss needs a model with logit_bias (e.g. DualEncoder(logit_bias_init=-10))")
-        loss = siglip_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias)
+        loss = siglip_loss(
+            out.image_emb, out.text_emb, out.logit_scale, out.logit_bias, out.negative_emb, out.negative_valid
+        )
         return LossOutput.from_terms({"sigmoid": loss}, _scale_stats(out.logit_scale, out.logit_bias))
 
 
@@ -96,5 +139,5 @@ class LlipLoss(nn.Module):
     """Llip (Lavoie et al., 2024): sigmoid loss on caption-conditioned image-caption logits; term "sigmoid"."""
 
     def forward(self, out: LlipOutput) -> LossOutput:
-        loss = sigmoid_pair_loss(out.logits, rank_offset(out.logits.shape[0]))
+        loss = sigmoid_pair_loss(out.logits, rank_offset(out.logits.shape[0]), out.column_valid)
         return LossOutput.from_terms({"sigmoid": loss}, _scale_stats(out.logit_scale, out.logit_bias))

@@ -13,27 +13,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
-from lightning_vlm.losses.contrastive import scale_logits
-from lightning_vlm.losses.distributed import gather_with_grad
+from lightning_vlm.losses.contrastive import scale_logits, text_columns
 
 
 @dataclass
 class ContrastiveOutput:
-    """image_emb, text_emb: (B, E) L2-normalised; logit_scale: log of the temperature t; logit_bias: b or None."""
+    """image_emb, text_emb: (B, E) L2-normalised; logit_scale: log of the temperature t; logit_bias: b or None;
+    negative_emb (M, E) hard-negative captions and negative_valid (M,) their mask, when the batch has them."""
 
     image_emb: Tensor
     text_emb: Tensor
     logit_scale: Tensor
     logit_bias: Tensor | None
+    negative_emb: Tensor | None = None
+    negative_valid: Tensor | None = None
 
 
 @dataclass
 class LlipOutput:
-    """logits: (B_local, B_global) scaled and biased, local images against the captions of every rank, in rank order."""
+    """logits: (B_local, B_global [+ M_global]) scaled and biased, local images against the captions of every
+    rank in rank order, then every rank's hard negatives; column_valid masks padded negatives (None without)."""
 
     logits: Tensor
     logit_scale: Tensor
     logit_bias: Tensor | None
+    column_valid: Tensor | None = None
 
 
 class ContrastiveHeads(nn.Module):
@@ -77,13 +81,24 @@ class DualEncoder(nn.Module):
         self.text = text
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> ContrastiveOutput:
-        """Embed both modalities of a batch of pairs; the loss gathers across ranks."""
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        negative_input_ids: Tensor | None = None,
+        negative_attention_mask: Tensor | None = None,
+        negative_valid: Tensor | None = None,
+    ) -> ContrastiveOutput:
+        """Embed both modalities of a batch of pairs (and its hard-negative captions); the loss gathers across ranks."""
+        negatives = None if negative_input_ids is None else self.encode_texts(negative_input_ids, negative_attention_mask)
         return ContrastiveOutput(
             self.encode_images(pixel_values),
             self.encode_texts(input_ids, attention_mask),
             self.heads.logit_scale,
             self.heads.logit_bias,
+            negatives,
+            negative_valid,
         )
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -148,11 +163,20 @@ class Llip(nn.Module):
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads)
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> LlipOutput:
-        """Local images against the captions of all ranks (gathered with gradients): (B_local, B_global) logits."""
-        captions = gather_with_grad(self.encode_texts(input_ids, attention_mask))
-        logits = self.similarity(self.encode_images(pixel_values), captions)
-        return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias)
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        negative_input_ids: Tensor | None = None,
+        negative_attention_mask: Tensor | None = None,
+        negative_valid: Tensor | None = None,
+    ) -> LlipOutput:
+        """Local images against the captions (then hard negatives) of all ranks, gathered with gradients."""
+        negatives = None if negative_input_ids is None else self.encode_texts(negative_input_ids, negative_attention_mask)
+        columns, valid = text_columns(self.encode_texts(input_ids, attention_mask), negatives, negative_valid)
+        logits = self.similarity(self.encode_images(pixel_values), columns)
+        return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias, valid)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, K, E) projected mixture tokens (not yet conditioned on a caption)."""

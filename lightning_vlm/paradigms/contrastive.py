@@ -13,9 +13,14 @@ from lightning_vlm.losses.distributed import local_batch
 from lightning_vlm.losses.output import LossOutput
 from lightning_vlm.paradigms.base import VLMParadigm
 
+NEGATIVE_FIELDS = ("negative_input_ids", "negative_attention_mask", "negative_valid")  # see `Collator`
+
 
 class Contrastive(VLMParadigm):
-    """`model(pixel_values, input_ids, attention_mask)` -> output; `loss(output)` -> LossOutput."""
+    """`model(pixel_values, input_ids, attention_mask, **hard_negatives)` -> output; `loss(output)` -> LossOutput.
+
+    Hard-negative captions (the DataModule's ``hard_negatives: k``) reach the model when the batch has them.
+    """
 
     def __init__(self, model: nn.Module, loss: nn.Module, eval_max_samples: int | None = 1000, **optim) -> None:
         super().__init__(**optim)
@@ -32,12 +37,12 @@ class Contrastive(VLMParadigm):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         with local_batch():  # eval batches need not match across ranks; the suite gathers what it scores
             losses = self._losses(batch)
-        self.log_losses(self._split(dataloader_idx), losses, batch_size=len(batch["meta"]))
+        self.log_losses(self.eval_split_name(dataloader_idx), losses, batch_size=len(batch["meta"]))
         self._evaluator(dataloader_idx).update(self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
         for idx, evaluator in self.evaluators.items():
-            self.log_dict(evaluator.compute(self.model, self._split(idx)), add_dataloader_idx=False)
+            self.log_dict(evaluator.compute(self.model, self.eval_split_name(idx)), add_dataloader_idx=False)
             evaluator.reset()
 
     test_step = validation_step
@@ -61,16 +66,11 @@ class Contrastive(VLMParadigm):
         return self.model.vision.data_config["std"]
 
     def _losses(self, batch: dict) -> LossOutput:
-        return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+        negatives = {key: batch[key] for key in NEGATIVE_FIELDS if key in batch}
+        return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **negatives))
 
     def _evaluator(self, dataloader_idx: int) -> ContrastiveEvaluator:
         if dataloader_idx not in self.evaluators:
             self.evaluators[dataloader_idx] = ContrastiveEvaluator(Collator(self.tokenizer).tokenize,
                                                                    max_samples=self.eval_max_samples)
         return self.evaluators[dataloader_idx]
-
-    def _split(self, dataloader_idx: int) -> str:
-        """The name of an eval dataloader ("val", "compositional", ...) as the DataModule lists them."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = (datamodule.test_names if self.trainer.testing else datamodule.val_names) if datamodule else []
-        return names[dataloader_idx] if dataloader_idx < len(names) else f"eval{dataloader_idx}"

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import transformers
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from lightning_vlm.data.tokenizer import load_tokenizer
 
@@ -18,6 +19,32 @@ TINY_BERT: dict[str, Any] = {
     "intermediate_size": 128,
     "max_position_embeddings": 64,
 }
+
+
+def load_text_encoder(
+    name_or_path: str | None, config: dict[str, Any] | None, vocab_size: int | None, tokenizer: str | None
+) -> tuple[transformers.PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A BERT-style transformers encoder (no pooler) and the tokenizer it reads with (default: `name_or_path`).
+
+    Pretrained by name or path, embeddings resized when the tokenizer's vocabulary differs; or built from
+    TINY_BERT updated by `config`, sized by `vocab_size` or else the tokenizer.
+    """
+    tokenizer = tokenizer or name_or_path
+    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if vocab_size is None and loaded is not None:
+        vocab_size = len(loaded)
+    if name_or_path is not None:
+        if config is not None:
+            raise ValueError("give either name_or_path or config, not both")
+        model = transformers.AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
+        if vocab_size is not None and vocab_size != model.config.vocab_size:
+            model.resize_token_embeddings(vocab_size)
+        return model, loaded
+    if vocab_size is None:
+        raise ValueError("vocab_size (from the tokenizer) is required to build a text encoder from config")
+    kwargs = {**TINY_BERT, **(config or {}), "vocab_size": vocab_size}
+    hf_config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return transformers.AutoModel.from_config(hf_config, add_pooling_layer=False), loaded
 
 
 @dataclass
@@ -46,25 +73,10 @@ class TextEncoder(nn.Module):
         tokenizer: str | None = None,
     ) -> None:
         super().__init__()
-        tokenizer = tokenizer or name_or_path
-        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
-        if vocab_size is None and self.tokenizer is not None:
-            vocab_size = len(self.tokenizer)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         self.pooling = pooling
-        if name_or_path is not None:
-            if config is not None:
-                raise ValueError("give either name_or_path or config, not both")
-            self.model = transformers.AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
-            if vocab_size is not None and vocab_size != self.model.config.vocab_size:
-                self.model.resize_token_embeddings(vocab_size)
-        else:
-            if vocab_size is None:
-                raise ValueError("vocab_size (from the tokenizer) is required to build a text encoder from config")
-            kwargs = {**TINY_BERT, **(config or {}), "vocab_size": vocab_size}
-            hf_config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-            self.model = transformers.AutoModel.from_config(hf_config, add_pooling_layer=False)
+        self.model, self.tokenizer = load_text_encoder(name_or_path, config, vocab_size, tokenizer)
 
     @property
     def width(self) -> int:

@@ -5,7 +5,7 @@ flattened N^2 score matrix with a query index per cell, looping over queries in 
 over the matrix gives every K at once. ``tests/test_eval.py`` checks that the two agree.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -38,3 +38,24 @@ def hit_rate_at_k(scores: Tensor, relevant: Tensor, ks: Sequence[int]) -> dict[i
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hit_within = relevant.gather(1, top).cumsum(dim=1) > 0  # [:, j]: a relevant column among the top j + 1
     return {k: hit_within[:, min(k, top.shape[1]) - 1].float().mean().item() for k in ks}
+
+
+def rerank_recall(
+    scores: Tensor,
+    rescore: Callable[[Tensor, Tensor], Tensor],
+    image_texts: Sequence[str],
+    texts: Sequence[str],
+    k: int,
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Image->text recall@K (``i2t_rerank_r{K}``) after re-scoring each image's top ``k`` texts by ``scores``
+    with ``rescore(image_rows, text_cols)`` (e.g. BLIP-2's ITM): the top k are re-ordered, the rest keep their
+    place after them."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices  # (N, k)
+    rows = torch.arange(scores.shape[0], device=scores.device).repeat_interleave(k)
+    new = rescore(rows, top.flatten()).view(-1, k)
+    reranked = scores.clone()
+    reranked.scatter_(1, top, scores.max() + 1 + new.to(scores.dtype))  # above every score outside the top k
+    return {f"i2t_rerank_r{key}": value
+            for key, value in hit_rate_at_k(reranked, caption_match(image_texts, texts).to(scores.device), ks).items()}

@@ -10,6 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase
 
 from lightning_vlm.losses.output import LossOutput
+from lightning_vlm.paradigms.weights import WeightsSource, load_weights
 
 
 class VLMParadigm(LightningModule):
@@ -17,31 +18,59 @@ class VLMParadigm(LightningModule):
 
     Subclasses hold `model` (plain nn.Module) and `loss`; they declare `tokenizer` (their text consumer's) and
     `image_mean` / `image_std` (their vision backbone's) so the DataModule prepares data the way they read it.
+    ``lr_multipliers`` (set by the staged-freezing plan) give named parts of ``model`` their own parameter
+    groups; ``init_from`` loads weights from checkpoints before training (`load_weights`).
     """
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98)) -> None:
+                 min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
+                 init_from: list[WeightsSource] | None = None) -> None:
         super().__init__()
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
+        self.init_from = list(init_from or [])
+        self.lr_multipliers: dict[str, float] = {}
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return None
 
+    def setup(self, stage: str) -> None:
+        for source in self.init_from:
+            load_weights(self, source)
+        self.init_from = []  # once: a resumed run restores its own checkpoint afterwards
+
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
             raise ValueError("the LR schedule needs the run's length: set trainer.max_steps, or max_epochs with "
                              "data.samples_per_epoch (a streamed epoch has no length of its own)")
-        schedule = LambdaLR(optimizer, warmup_cosine(self.warmup_steps, int(total), self.min_lr_ratio))
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
+        factor = warmup_cosine(self.warmup_steps, int(total), self.min_lr_ratio)
+        # the global step, not the scheduler's own count: a plan that rebuilds the optimizer keeps the schedule
+        schedule = LambdaLR(optimizer, lambda _: factor(self.trainer.global_step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict]:
+        """Trainable parameters grouped by part (the longest ``lr_multipliers`` prefix, else "base") and by
+        decay; empty groups are left out. Groups are named ``{part}`` and ``{part}/no_decay``."""
+        parts = sorted(self.lr_multipliers, key=len, reverse=True)
+        groups: dict[tuple[str, bool], list] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = next((p for p in parts if name.startswith(f"model.{p}.") or name == f"model.{p}"), "base")
+            groups.setdefault((part, param.ndim < 2), []).append(param)
+        return [{"params": params, "name": part + ("/no_decay" if no_decay else ""),
+                 "lr": self.lr * self.lr_multipliers.get(part, 1.0),
+                 "weight_decay": 0.0 if no_decay else self.weight_decay}
+                for (part, no_decay), params in groups.items()]
+
+    def eval_split_name(self, dataloader_idx: int) -> str:
+        """The name of an eval dataloader ("val", "compositional", ...) as the DataModule lists them."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = (datamodule.test_names if self.trainer.testing else datamodule.val_names) if datamodule else []
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"eval{dataloader_idx}"
 
     def log_losses(self, stage: str, losses: LossOutput, batch_size: int) -> None:
         """Log the total, every named term and every stat under `stage/`."""

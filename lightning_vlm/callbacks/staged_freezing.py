@@ -1,0 +1,153 @@
+"""Staged freezing: a declarative plan of training phases, shared by every paradigm.
+
+Each phase starts at a global step or an epoch and names parts of the model (dotted paths under the
+paradigm's ``model``) to freeze, unfreeze or train through LoRA adapters, per-part learning-rate multipliers
+and the paradigm's loss weights. Frozen parts are in eval mode and out of the optimizer; entering a phase
+rebuilds the optimizer (Adam moments of parameters still trained are carried over) with one parameter group
+per named part. The LR schedule is a function of the global step, so it runs on across phases.
+
+LoRA adapters named anywhere in the plan are injected when fitting starts, inert (B = 0) and frozen until
+their phase: the function is unchanged until then, exactly as if they were added at that step, and a
+resumed run's checkpoint always matches the module layout. The plan and the current phase are saved in
+checkpoints; a resumed run replays the phases up to where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+from lightning import Callback, LightningModule, Trainer
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase:
+    """One phase of the plan; it starts at ``start_step`` (global step) or ``start_epoch``, whichever is given."""
+
+    start_step: int | None = None
+    start_epoch: int | None = None
+    freeze: list[str] = field(default_factory=list)
+    unfreeze: list[str] = field(default_factory=list)
+    lora: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.start_step is None) == (self.start_epoch is None):
+            raise ValueError(f"a phase starts at exactly one of start_step or start_epoch: {self}")
+
+
+class StagedFreezing(Callback):
+    """Applies `phases` (in order of their start) to the paradigm's ``model``; see the module docstring."""
+
+    def __init__(self, phases: list[Phase]) -> None:
+        if not phases:
+            raise ValueError("StagedFreezing needs at least one phase")
+        self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in phases]
+        self.current = -1
+        self.frozen: set[str] = set()
+        self._module: LightningModule | None = None
+
+    # ---- Lightning hooks ------------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self._module is not None:
+            return
+        self._module = pl_module
+        for path, config in self._lora_targets().items():
+            inject_lora(self._part(path), config)
+        self._enter(0)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        due = self._due(trainer.global_step, trainer.current_epoch)
+        if due > self.current:
+            self._enter(due)
+            self._rebuild_optimizer(trainer)
+        self._keep_frozen_in_eval()
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._keep_frozen_in_eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.current, "plan": [dataclasses.asdict(p) for p in self.phases]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["plan"] != [dataclasses.asdict(p) for p in self.phases]:
+            log.warning("resuming with a staged-freezing plan that differs from the checkpoint's")
+        if self._module is None:
+            raise RuntimeError("StagedFreezing.load_state_dict before setup: resume through Trainer.fit(ckpt_path=)")
+        self.current, self.frozen = -1, set()
+        self._enter(state_dict["phase"])
+
+    # ---- the plan ---------------------------------------------------------------------------------------------------
+    def _due(self, step: int, epoch: int) -> int:
+        """Index of the last phase whose start has been reached."""
+        reached = [i for i, p in enumerate(self.phases)
+                   if (p.start_step is not None and step >= p.start_step)
+                   or (p.start_epoch is not None and epoch >= p.start_epoch)]
+        return max(reached, default=0)
+
+    def _enter(self, index: int) -> None:
+        """Apply every phase after the current one up to ``index``, in order (a resume replays them all)."""
+        for i in range(self.current + 1, index + 1):
+            phase = self.phases[i]
+            for path in phase.freeze:
+                self._part(path).requires_grad_(False)
+                self.frozen.add(path)
+            for path in phase.unfreeze:
+                self._part(path).requires_grad_(True).train()
+                self.frozen.discard(path)
+            for path in phase.lora:
+                for name, param in self._part(path).train().named_parameters():
+                    param.requires_grad = "lora_" in name
+                self.frozen.discard(path)
+            module = self._module
+            module.lr_multipliers = {**getattr(module, "lr_multipliers", {}), **phase.lr_multipliers}
+            module.loss_weights = {**getattr(module, "loss_weights", {}), **phase.loss_weights}
+            log.info("staged freezing: entering phase %d %s", i, phase)
+        self.current = max(self.current, index)
+        self._keep_frozen_in_eval()
+
+    def _keep_frozen_in_eval(self) -> None:
+        for path in self.frozen:
+            self._part(path).eval()
+
+    def _rebuild_optimizer(self, trainer: Trainer) -> None:
+        """New optimizer and schedule from the paradigm's configure_optimizers; moments of kept params carried."""
+        old = {id(p): s for opt in trainer.optimizers for p, s in opt.state.items()}
+        trainer.strategy.setup_optimizers(trainer)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if id(param) in old:
+                        optimizer.state[param] = old[id(param)]
+
+    def _lora_targets(self) -> dict[str, dict[str, Any]]:
+        targets: dict[str, dict[str, Any]] = {}
+        for phase in self.phases:
+            targets.update(phase.lora)
+        return targets
+
+    def _part(self, path: str) -> nn.Module:
+        try:
+            return self._module.model.get_submodule(path)
+        except AttributeError as err:
+            names = [n for n, _ in self._module.model.named_children()]
+            raise ValueError(f"staged freezing: the model has no part {path!r} (top-level parts: {names})") from err
+
+
+def inject_lora(module: nn.Module, config: dict[str, Any]) -> None:
+    """Add LoRA adapters (peft) to ``module`` in place, inert and frozen: their phase makes them trainable."""
+    add = getattr(module, "add_lora", None)
+    if add is not None:  # a LanguageModel knows its own default targets
+        add(**config)
+    else:
+        peft.inject_adapter_in_model(peft.LoraConfig(**config), module)
+    for name, param in module.named_parameters():
+        if "lora_" in name:
+            param.requires_grad = False

@@ -1,0 +1,103 @@
+"""Decoder-only language model: any transformers causal LM by name or path, or a tiny Llama built from config.
+
+LoRA comes from peft (`add_lora`), injected in place so the wrapped model keeps its attribute paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import peft
+import torch
+import transformers
+from torch import Tensor, nn
+
+from lightning_vlm.data.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+class LanguageModel(nn.Module):
+    """`AutoModelForCausalLM.from_pretrained(name_or_path)` or `from_config(TINY_LLAMA | config)`.
+
+    It declares its tokenizer (`tokenizer`, default `name_or_path`; a tokenizer.json or dataset root works too);
+    a model built from config takes its vocabulary size and special token ids from it. `lora` (keys of
+    peft's LoraConfig: r, lora_alpha, lora_dropout, target_modules) adds LoRA adapters at construction.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        lora: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        source = tokenizer or name_or_path
+        if source is None:
+            raise ValueError("a language model needs a tokenizer: give name_or_path or tokenizer")
+        self.tokenizer = load_tokenizer(source)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if name_or_path is not None:
+            if config is not None:
+                raise ValueError("give either name_or_path or config, not both")
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path)
+            log.info("loaded language model %s", name_or_path)
+        else:
+            tok = self.tokenizer
+            kwargs = {**TINY_LLAMA, **(config or {}), "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+                      "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+            hf_config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+            self.model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        if lora:
+            self.add_lora(**lora)
+
+    @property
+    def width(self) -> int:
+        """Hidden size of the LM's token embeddings."""
+        return self.model.get_input_embeddings().embedding_dim
+
+    def add_lora(self, **lora_config: Any) -> list[str]:
+        """Inject LoRA adapters (peft) into the targeted modules; returns the names of the new parameters.
+
+        Only the adapters are trainable afterwards: the base weights of this LM are frozen.
+        """
+        before = {name for name, _ in self.model.named_parameters()}
+        config = peft.LoraConfig(**{"target_modules": ["q_proj", "v_proj"], **lora_config})
+        peft.inject_adapter_in_model(config, self.model)
+        added = [name for name, _ in self.model.named_parameters() if name not in before]
+        for name, param in self.model.named_parameters():
+            param.requires_grad = name in added
+        return added
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, L) token ids -> (B, L, D) input embeddings."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None, **kwargs: Any):
+        """transformers' causal LM forward; with ``labels`` (unshifted, -100 = no loss) it returns the next-token
+        loss, the one place where labels are shifted."""
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, **generation: Any) -> Tensor:
+        """New token ids (B, <= max_new_tokens) continuing left-padded ``inputs_embeds``; `generation` goes to
+        transformers' generate (max_new_tokens, num_beams, do_sample, top_p, temperature, ...)."""
+        tok = self.tokenizer
+        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **generation)

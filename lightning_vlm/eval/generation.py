@@ -1,0 +1,58 @@
+"""Evaluation of generated text for any model that writes captions and answers: CIDEr-D, BLEU-4, VQA accuracy.
+
+Every generative paradigm feeds it (meta, generated text) pairs; tasks come from the batch metas, so one eval
+split can mix captioning and question answering. Under DDP the pairs of all ranks are gathered first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_vlm.eval.captioning import CIDErD, answer_accuracy, bleu4
+
+
+class GenerationEvaluator:
+    """Accumulates up to ``max_samples`` (task, target, generated) triples; ``compute`` scores them."""
+
+    def __init__(self, max_samples: int | None = None) -> None:
+        self.max_samples = max_samples
+        self.reset()
+
+    def reset(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    @property
+    def full(self) -> bool:
+        return self.max_samples is not None and len(self.records) >= self.max_samples
+
+    def update(self, metas: list[dict[str, Any]], generated: list[str]) -> None:
+        room = len(metas) if self.max_samples is None else self.max_samples - len(self.records)
+        for meta, text in list(zip(metas, generated))[:max(0, room)]:
+            self.records.append({"task": meta.get("task"), "target": meta.get("target", ""),
+                                 "skill": meta.get("skill"), "generated": text, "key": meta.get("key")})
+
+    def compute(self, split: str) -> dict[str, float]:
+        """``{split}/cider_d``, ``{split}/bleu4`` over captions; ``{split}/vqa_{skill}`` and ``vqa_all`` over
+        questions; parts without samples are left out."""
+        self._gather_ranks()
+        metrics: dict[str, float] = {}
+        captions = [r for r in self.records if r["task"] == "caption"]
+        if captions:
+            candidates, references = [r["generated"] for r in captions], [r["target"] for r in captions]
+            cider = CIDErD()
+            cider.update(candidates, references)
+            metrics.update(cider_d=cider.compute().item(), bleu4=bleu4(candidates, references))
+        questions = [r for r in self.records if r["task"] == "vqa"]
+        if questions:
+            accuracy = answer_accuracy([r["generated"] for r in questions], [r["target"] for r in questions],
+                                       [r["skill"] for r in questions])
+            metrics.update({f"vqa_{skill}": value for skill, value in accuracy.items()})
+        return {f"{split}/{name}": value for name, value in metrics.items()}
+
+    def _gather_ranks(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, self.records)
+            self.records = [record for part in parts for record in part]

@@ -1,0 +1,182 @@
+"""BLIP-2 end to end on real batches: stage-2 labels, generation, overfitting one batch per stage, the staged
+freezing plan inside one fit (frozen parts untouched, in eval mode, out of the optimizer; resume in phase),
+LoRA through the plan, and initialisation from a checkpoint with its report."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_vlm.adapters.qformer import QFormer
+from lightning_vlm.callbacks import Phase, StagedFreezing
+from lightning_vlm.data.datamodule import ShardDataModule
+from lightning_vlm.encoders import VisionEncoder
+from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.models.blip2 import BLIP2
+from lightning_vlm.paradigms.blip2 import BLIP2Paradigm
+from lightning_vlm.paradigms.weights import WeightsSource, load_weights
+
+TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1}
+
+
+def build(tokenizer: str, **kwargs) -> BLIP2Paradigm:
+    torch.manual_seed(0)
+    model = BLIP2(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT),
+                  lambda width: QFormer(width, config=TINY_BERT, tokenizer=tokenizer, num_queries=4),
+                  LanguageModel(tokenizer=tokenizer, config=TINY_LM), embed_dim=16, projection="mlp")
+    return BLIP2Paradigm(model, **{"lr": 1e-3, "warmup_steps": 1, "eval_max_samples": 16, "rerank_k": 4, **kwargs})
+
+
+def batch_of(paradigm: BLIP2Paradigm, root: str, tasks: dict, size: int = 8) -> dict:
+    dm = ShardDataModule(root=root, tasks=tasks, batch_size=size)
+    dm.trainer = type("T", (), {"lightning_module": paradigm, "global_rank": 0, "world_size": 1, "current_epoch": 0})()
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_stage2_loss_is_cross_entropy_on_target_tokens_only(tiny_benchmark):
+    paradigm = build(tiny_benchmark)
+    batch = batch_of(paradigm, tiny_benchmark, {"vqa": 1.0}, size=4)
+    model = paradigm.model
+    loss = model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    prompt = model.visual_prompt(batch["pixel_values"])
+    embeds = torch.cat([prompt, model.language_model.embed(batch["input_ids"])], 1)
+    mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long), batch["attention_mask"]], 1)
+    logits = model.language_model.model(inputs_embeds=embeds, attention_mask=mask).logits
+    q = prompt.shape[1]
+    terms = [F.cross_entropy(logits[b, q + t - 1], batch["labels"][b, t])  # position before a label predicts it
+             for b in range(4) for t in range(batch["labels"].shape[1]) if batch["labels"][b, t] != -100]
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    answers = [m["target"] for m in batch["meta"]]
+    assert len(terms) == sum(len(paradigm.tokenizer.encode(a, add_special_tokens=False)) + 1 for a in answers)
+
+
+@pytest.mark.parametrize("generation", [{}, {"num_beams": 2}, {"do_sample": True, "top_p": 0.9}])
+def test_generation_greedy_beam_and_nucleus_return_text(tiny_benchmark, generation):
+    paradigm = build(tiny_benchmark).eval()
+    batch = batch_of(paradigm, tiny_benchmark, {"vqa": 1.0}, size=3)
+    texts = paradigm.generate_text(batch["pixel_values"], [m["prompt"] for m in batch["meta"]],
+                                   max_new_tokens=4, **generation)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_left_padded_prompts_generate_as_if_alone(tiny_benchmark):
+    """Padding is moved before the visual prompt: a short prompt batched with a long one continues identically."""
+    paradigm = build(tiny_benchmark).eval()
+    pixels = batch_of(paradigm, tiny_benchmark, {"vqa": 1.0}, size=2)["pixel_values"]
+    prompts = ["what colour is the circle?", "how many objects are there in this picture?"]
+    together = paradigm.generate_text(pixels, prompts, max_new_tokens=5)
+    alone = [paradigm.generate_text(pixels[i:i + 1], prompts[i:i + 1], max_new_tokens=5)[0] for i in range(2)]
+    assert together == alone
+
+
+@pytest.mark.parametrize("weights", [{"itc": 1, "itm": 1, "itg": 1, "lm": 0}, {"itc": 0, "itm": 0, "itg": 0, "lm": 1}])
+def test_overfits_one_batch_in_each_stage(tiny_benchmark, weights):
+    paradigm = build(tiny_benchmark, loss_weights=weights)
+    paradigm.model.vision.requires_grad_(False)
+    batch = batch_of(paradigm, tiny_benchmark, {"caption": 1.0, "vqa": 1.0})
+    optimizer = torch.optim.AdamW([p for p in paradigm.parameters() if p.requires_grad], lr=2e-3)
+    first = None
+    for _ in range(100):
+        losses = paradigm.losses(batch)
+        optimizer.zero_grad()
+        losses.total.backward()
+        optimizer.step()
+        first = first if first is not None else {k: v.item() for k, v in losses.terms.items()}
+    last = {k: v.item() for k, v in losses.terms.items()}
+    assert set(last) == {k for k, w in weights.items() if w}
+    for term in ("itc", "itg", "lm"):
+        if term in last:
+            assert last[term] < 0.3 * first[term], (term, first, last)
+
+
+class Recorder(Callback):
+    """What the optimizer and the modules look like at every training step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        model = pl_module.model
+        self.steps.append({
+            "groups": {g["name"] for g in trainer.optimizers[0].param_groups},
+            "lm_in_optimizer": any(p is q for g in trainer.optimizers[0].param_groups for p in g["params"]
+                                   for q in model.language_model.parameters()),
+            "vision_training": model.vision.training, "lm_training": model.language_model.training,
+            "weights": dict(pl_module.loss_weights), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        })
+
+
+PLAN = [Phase(start_step=0, freeze=["vision", "language_model", "lm_projection"],
+              loss_weights={"itc": 1.0, "itm": 1.0, "itg": 1.0, "lm": 0.0}),
+        Phase(start_step=3, unfreeze=["language_model", "lm_projection"], lr_multipliers={"language_model": 0.5},
+              loss_weights={"itc": 0.0, "itm": 0.0, "itg": 0.0, "lm": 1.0})]
+
+
+def fit(paradigm, root, tmp_path, steps, callbacks, ckpt_path=None) -> L.Trainer:
+    dm = ShardDataModule(root=root, tasks={"caption": 1.0, "vqa": 1.0}, batch_size=8)
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, callbacks=callbacks, enable_checkpointing=True)
+    trainer.fit(paradigm, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_staged_freezing_switches_stage_within_one_fit_and_resumes_in_phase(tiny_benchmark, tmp_path):
+    paradigm = build(tiny_benchmark)
+    vision_before = {k: v.clone() for k, v in paradigm.model.vision.state_dict().items()}
+    lm_before = {k: v.clone() for k, v in paradigm.model.language_model.state_dict().items()}
+    recorder = Recorder()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    fit(paradigm, tiny_benchmark, tmp_path, 4, [StagedFreezing(PLAN), recorder, checkpoint])
+
+    first, second = recorder.steps[:3], recorder.steps[3:]
+    assert all(not s["lm_in_optimizer"] and not s["vision_training"] and not s["lm_training"] for s in first)
+    assert all(s["weights"]["lm"] == 0.0 for s in first)
+    assert second[0]["lm_in_optimizer"] and second[0]["lm_training"] and not second[0]["vision_training"]
+    assert {"language_model", "language_model/no_decay"} <= second[0]["groups"]
+    assert second[0]["weights"] == {"itc": 0.0, "itm": 0.0, "itg": 0.0, "lm": 1.0}
+    assert all(torch.equal(vision_before[k], v) for k, v in paradigm.model.vision.state_dict().items())
+    changed = [k for k, v in paradigm.model.language_model.state_dict().items() if not torch.equal(lm_before[k], v)]
+    assert changed  # trained in the last step only
+
+    resumed, recorder = build(tiny_benchmark), Recorder()
+    fit(resumed, tiny_benchmark, tmp_path, 6, [StagedFreezing(PLAN), recorder], ckpt_path=str(tmp_path / "ckpt" /
+                                                                                             "epoch=0-step=4.ckpt"))
+    assert all(s["lm_in_optimizer"] and not s["vision_training"] and s["weights"]["lm"] == 1.0 for s in recorder.steps)
+    assert len(recorder.steps) == 2
+
+
+def test_lora_through_the_plan_trains_only_adapters(tiny_benchmark, tmp_path):
+    paradigm = build(tiny_benchmark)
+    base_before = {k: v.clone() for k, v in paradigm.model.language_model.state_dict().items()}
+    plan = [PLAN[0], Phase(start_step=2, lora={"language_model": {"r": 4, "lora_alpha": 8}},
+                           unfreeze=["lm_projection"], loss_weights={"itc": 0.0, "itm": 0.0, "itg": 0.0, "lm": 1.0})]
+    fit(paradigm, tiny_benchmark, tmp_path, 4, [StagedFreezing(plan)])
+    lm = paradigm.model.language_model
+    adapters = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in adapters)
+    state = lm.state_dict()
+    assert all(torch.equal(base_before[k], state[k]) for k in base_before if k in state)  # base bit-identical
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in lm.named_parameters() if "lora_B" in n)
+
+
+def test_init_from_reports_missing_and_unexpected_keys(tiny_benchmark, tmp_path):
+    source = build(tiny_benchmark)
+    torch.save({"state_dict": {**source.state_dict(), "model.vision.stray": torch.zeros(1)}}, tmp_path / "a.ckpt")
+    target = build(tiny_benchmark)
+    with torch.no_grad():
+        target.model.vision.model.cls_token.add_(1.0)
+    report = load_weights(target, WeightsSource(str(tmp_path / "a.ckpt"), prefix="model.vision.", into="model.vision"))
+    assert report.unexpected == ["stray"] and report.missing == []
+    assert torch.equal(target.model.vision.model.cls_token, source.model.vision.model.cls_token)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_weights(target, WeightsSource(str(tmp_path / "none.ckpt")))
+    with pytest.raises(ValueError, match="starts with"):
+        load_weights(target, WeightsSource(str(tmp_path / "a.ckpt"), prefix="nothing."))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_vlm.cli import main, run_cli
 from lightning_vlm.data import datamodule
@@ -12,12 +13,24 @@ from lightning_vlm.data import datamodule
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 
 
-def tiny_overrides(root: str) -> list[str]:
-    """Point a recipe at the tiny benchmark and make it a two-batch smoke run."""
-    return ["--data.init_args.root", root, "--model.init_args.model.init_args.text.init_args.tokenizer", root,
-            "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
-            "--data.init_args.num_workers", "0", "--trainer.fast_dev_run", "2",
-            "--trainer.enable_progress_bar", "false"]
+def tiny_overrides(root: str, recipe: Path) -> list[str]:
+    """Point a recipe at the tiny benchmark (every tokenizer read from the default data too), start it from
+    scratch rather than from a previous recipe's checkpoint, and make it a two-batch smoke run."""
+    tokenizers = [f"--{key}" for key, value in _leaves(yaml.safe_load(recipe.read_text())) if
+                  key.endswith(".tokenizer") and value == "data/synthetic"]
+    return ["--data.init_args.root", root, *[arg for key in tokenizers for arg in (key, root)],
+            "--model.init_args.init_from", "[]", "--data.init_args.batch_size", "8",
+            "--data.init_args.eval_batch_size", "8", "--data.init_args.num_workers", "0",
+            "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
+
+
+def _leaves(tree, prefix: str = ""):
+    """(dotted key, value) of every leaf of a parsed YAML mapping."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -32,7 +45,7 @@ def test_recipe_prints_its_config(recipe, capsys):
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_fast_dev_run(recipe, tiny_benchmark, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = run_cli(["fit", "--config", str(recipe), *tiny_overrides(tiny_benchmark)])
+    cli = run_cli(["fit", "--config", str(recipe), *tiny_overrides(tiny_benchmark, recipe)])
     assert cli.trainer.global_step == 2
     assert cli.trainer.state.finished
 
@@ -79,7 +92,8 @@ def test_missing_default_data_is_generated_first_and_said(tmp_path, monkeypatch,
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_evaluation_subcommands_run(subcommand, tiny_benchmark, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = run_cli([subcommand, "--config", str(RECIPES[0]), *tiny_overrides(tiny_benchmark)])
+    recipe = RECIPES[0]
+    cli = run_cli([subcommand, "--config", str(recipe), *tiny_overrides(tiny_benchmark, recipe)])
     assert cli.trainer.state.finished
 
 

@@ -180,3 +180,13 @@ def test_init_from_reports_missing_and_unexpected_keys(tiny_benchmark, tmp_path)
         load_weights(target, WeightsSource(str(tmp_path / "none.ckpt")))
     with pytest.raises(ValueError, match="starts with"):
         load_weights(target, WeightsSource(str(tmp_path / "a.ckpt"), prefix="nothing."))
+
+
+def test_generate_from_pil_images_and_one_prompt(tiny_benchmark):
+    from PIL import Image
+
+    paradigm = build(tiny_benchmark).eval()
+    images = [Image.new("RGB", (100, 80), "red"), Image.new("RGB", (64, 64), "blue")]
+    answers = paradigm.generate(images, "what colour is the square?", max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert paradigm.preprocess(images).shape == (2, 3, 64, 64)

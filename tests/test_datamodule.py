@@ -247,3 +247,18 @@ def test_png_webp_and_jpg_shards_decode_to_the_same_batch(tiny_benchmark, tmp_pa
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["num_skipped"] == 0
     assert torch.allclose(batch["pixel_values"][0], batch["pixel_values"][1], atol=0.05)  # lossless vs lossy
+
+
+def test_system_prompt_precedes_every_generative_prompt_and_carries_no_labels(tiny_benchmark):
+    system = "answer in one word."
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"vqa": 1.0, "caption": 1.0, "contrastive": 1.0}, batch_size=16,
+                         system_prompt=system, caption_prompt="describe the image.")
+    batch = next(iter(dm.train_dataloader()))
+    tok = dm.tokenizer
+    for ids, labels, meta in zip(batch["input_ids"], batch["labels"], batch["meta"]):
+        if meta["task"] == "contrastive":
+            assert not meta["prompt"] and (labels == IGNORE_INDEX).all()
+            continue
+        assert meta["prompt"].startswith(system)
+        expected = tok.encode(meta["target"], add_special_tokens=False) + [tok.eos_token_id]
+        assert labels[labels != IGNORE_INDEX].tolist() == expected

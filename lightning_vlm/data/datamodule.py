@@ -46,6 +46,8 @@ class ShardDataModule(LightningDataModule):
         image_mean / image_std: None takes the model's (its vision backbone's) statistics, else CLIP's.
         hard_negatives: hard-negative captions per contrastive training example, drawn from the json's swaps
             (NegCLIP); contrastive losses score them as extra negatives. Evaluation batches carry none.
+        caption_prompt / system_prompt: the prompt of captioning examples, and a text put before every
+            generative prompt (both outside the labels).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ShardDataModule(LightningDataModule):
         caption_prompt: str = "",
         loc_bins: int = 32,
         hard_negatives: int = 0,
+        system_prompt: str = "",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -138,7 +141,7 @@ class ShardDataModule(LightningDataModule):
         )
         negatives = self.hparams.hard_negatives if train else 0  # eval losses stay comparable across recipes
         formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins,
-                                  hard_negatives=negatives)
+                                  hard_negatives=negatives, system_prompt=self.hparams.system_prompt)
         collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)

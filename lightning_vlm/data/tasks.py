@@ -52,13 +52,15 @@ def box_to_tokens(box: list[float], image_size: int, bins: int) -> str:
 @dataclass
 class TaskFormatter:
     """Draws a task per sample by weight and writes its prompt and target; contrastive examples get
-    ``hard_negatives`` negative captions drawn without replacement from the sample's json."""
+    ``hard_negatives`` negative captions drawn without replacement from the sample's json. ``system_prompt``
+    is put before every prompt of a generative task (no labels fall on it)."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     caption_prompt: str = ""
     grounding_template: str = "where is the {name}?"
     loc_bins: int = 32
     hard_negatives: int = 0
+    system_prompt: str = ""
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASKS)
@@ -68,6 +70,12 @@ class TaskFormatter:
         self._weights = [self.weights[t] for t in self._names]
 
     def __call__(self, sample: RawSample, image_size: int, rng: random.Random) -> TextExample:
+        example = self._format(sample, image_size, rng)
+        if self.system_prompt and example.task != "contrastive":
+            example.prompt = f"{self.system_prompt} {example.prompt}".strip()
+        return example
+
+    def _format(self, sample: RawSample, image_size: int, rng: random.Random) -> TextExample:
         task = rng.choices(self._names, self._weights)[0]
         if task == "vqa" and sample.info.get("qa"):
             qa = rng.choice(sample.info["qa"])

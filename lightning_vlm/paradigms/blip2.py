@@ -13,12 +13,17 @@ accuracy per skill).
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from lightning_vlm.data.collate import Collator
+from lightning_vlm.data.reading import RawSample
+from lightning_vlm.data.transforms import ImageTransform
 from lightning_vlm.eval import ContrastiveEvaluator
 from lightning_vlm.eval.generation import GenerationEvaluator
 from lightning_vlm.eval.retrieval import rerank_recall
@@ -132,6 +137,29 @@ class BLIP2Paradigm(VLMParadigm):
         prompts = [m["prompt"] for m in batch["meta"]]
         return {"keys": [m["key"] for m in batch["meta"]], "prompts": prompts,
                 "generated": self.generate_text(batch["pixel_values"], prompts)}
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Image.Image] | Tensor, prompt: str | Sequence[str] = "",
+                 **generation: Any) -> list[str]:
+        """What the LM says about each image given ``prompt`` (one for all, or one per image): the notebook API.
+
+        ``images``: PIL images (resized and normalised as this model reads them) or ready pixel values.
+        """
+        pixels = images if isinstance(images, Tensor) else self.preprocess(images)
+        prompts = [prompt] * len(pixels) if isinstance(prompt, str) else list(prompt)
+        return self.generate_text(pixels.to(self.device), prompts, **generation)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images -> (B, 3, H, W) pixel values at the vision backbone's input size and statistics."""
+        transform = ImageTransform(self.model.vision.data_config["input_size"][-1], self.image_mean, self.image_std)
+        return torch.stack([transform(RawSample("", image.convert("RGB"), "", {}), random.Random(0))[0]
+                            for image in images])
+
+    def sample_outputs(self, batch: dict) -> list[str] | None:
+        """Generated answers for the sample-logging callback (None without a language model)."""
+        if self.model.language_model is None:
+            return None
+        return self.generate_text(batch["pixel_values"], [m["prompt"] for m in batch["meta"]])
 
     @torch.no_grad()
     def generate_text(self, pixel_values: Tensor, prompts: list[str], **generation: Any) -> list[str]:

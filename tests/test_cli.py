@@ -16,12 +16,16 @@ RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 def tiny_overrides(root: str, recipe: Path) -> list[str]:
     """Point a recipe at the tiny benchmark (every tokenizer read from the default data too), start it from
     scratch rather than from a previous recipe's checkpoint, and make it a two-batch smoke run."""
-    tokenizers = [f"--{key}" for key, value in _leaves(yaml.safe_load(recipe.read_text())) if
-                  key.endswith(".tokenizer") and value == "data/synthetic"]
-    return ["--data.init_args.root", root, *[arg for key in tokenizers for arg in (key, root)],
-            "--model.init_args.init_from", "[]", "--data.init_args.batch_size", "8",
-            "--data.init_args.eval_batch_size", "8", "--data.init_args.num_workers", "0",
-            "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
+    return ["--data.init_args.root", root, *tokenizer_overrides(root, recipe), "--model.init_args.init_from", "[]",
+            "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
+            "--data.init_args.num_workers", "0", "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
+
+
+def tokenizer_overrides(root: str, recipe: Path) -> list[str]:
+    """Every tokenizer the recipe reads from the default data, read from `root` instead."""
+    keys = [key for key, value in _leaves(yaml.safe_load(recipe.read_text()))
+            if key.endswith(".tokenizer") and value == "data/synthetic"]
+    return [arg for key in keys for arg in (f"--{key}", root)]
 
 
 def _leaves(tree, prefix: str = ""):
@@ -103,3 +107,20 @@ def test_other_ranks_wait_for_rank_zero_to_generate(tmp_path, monkeypatch):
     monkeypatch.setattr(datamodule, "generate_benchmark", lambda root: pytest.fail("only rank 0 generates"))
     with pytest.raises(TimeoutError, match="rank 0"):
         datamodule.ensure_default_benchmark("data/synthetic", wait_s=0.5)
+
+
+def test_load_model_builds_the_recipe_and_loads_a_checkpoint(tiny_benchmark, tmp_path):
+    from PIL import Image
+    import torch
+
+    from lightning_vlm.cli import load_model
+
+    recipe = Path(__file__).parents[1] / "recipes" / "blip2.yaml"
+    tokenizers = tokenizer_overrides(tiny_benchmark, recipe)
+    model = load_model(str(recipe), None, *tokenizers, "--data.init_args.root", tiny_benchmark)
+    with torch.no_grad():
+        model.model.logit_scale.fill_(1.234)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.ckpt")
+    loaded = load_model(str(recipe), str(tmp_path / "m.ckpt"), *tokenizers, "--data.init_args.root", tiny_benchmark)
+    assert loaded.model.logit_scale.item() == pytest.approx(1.234) and not loaded.training
+    assert len(loaded.generate([Image.new("RGB", (64, 64), "red")], "what colour is it?", max_new_tokens=2)) == 1

@@ -29,7 +29,8 @@ def test_synth_fit_and_resume_from_the_command_line(tmp_path):
               "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
               "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     run("fit", *common, "--trainer.max_steps", "4", cwd=tmp_path)
-    checkpoint = next((tmp_path / "runs").rglob("*.ckpt"))
+    checkpoint = tmp_path / "checkpoints" / "clip" / "last.ckpt"  # the recipe's stable path for later recipes
+    assert checkpoint.is_file()
     resumed = run("fit", *common, "--trainer.max_steps", "8", "--ckpt_path", str(checkpoint), cwd=tmp_path)
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     assert len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2

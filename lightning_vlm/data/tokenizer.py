@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lightning_vlm.pretrained import load_pretrained
+
 SPECIAL_TOKENS = {
     "pad_token": "[PAD]",
     "unk_token": "[UNK]",
@@ -51,9 +53,11 @@ def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 10
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """A `tokenizer.json` file or a directory holding one as a fast tokenizer; else `AutoTokenizer`'s loading."""
+    """A `tokenizer.json` file or a dataset root holding one as our fast tokenizer; else `AutoTokenizer`'s loading
+    (a transformers model folder, which has a tokenizer_config.json, or a hub name: see `load_pretrained`)."""
     path = Path(name_or_path)
     file = path / FILE_NAME if path.is_dir() else path
-    if file.is_file() and file.suffix == ".json":
+    transformers_folder = path.is_dir() and (path / "tokenizer_config.json").is_file()
+    if file.is_file() and file.suffix == ".json" and not transformers_folder:
         return PreTrainedTokenizerFast(tokenizer_file=str(file), model_max_length=MODEL_MAX_LENGTH, **SPECIAL_TOKENS)
-    return AutoTokenizer.from_pretrained(str(name_or_path))
+    return load_pretrained(AutoTokenizer.from_pretrained, str(name_or_path))

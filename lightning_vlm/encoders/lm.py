@@ -14,6 +14,7 @@ import transformers
 from torch import Tensor, nn
 
 from lightning_vlm.data.tokenizer import load_tokenizer
+from lightning_vlm.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class LanguageModel(nn.Module):
         if name_or_path is not None:
             if config is not None:
                 raise ValueError("give either name_or_path or config, not both")
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path)
+            self.model = load_pretrained(transformers.AutoModelForCausalLM.from_pretrained, name_or_path)
             log.info("loaded language model %s", name_or_path)
         else:
             tok = self.tokenizer

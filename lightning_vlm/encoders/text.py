@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_vlm.data.tokenizer import load_tokenizer
+from lightning_vlm.pretrained import load_pretrained
 
 TINY_BERT: dict[str, Any] = {
     "model_type": "bert",
@@ -36,7 +37,7 @@ def load_text_encoder(
     if name_or_path is not None:
         if config is not None:
             raise ValueError("give either name_or_path or config, not both")
-        model = transformers.AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
+        model = load_pretrained(transformers.AutoModel.from_pretrained, name_or_path, add_pooling_layer=False)
         if vocab_size is not None and vocab_size != model.config.vocab_size:
             model.resize_token_embeddings(vocab_size)
         return model, loaded

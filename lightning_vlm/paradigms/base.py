@@ -35,6 +35,17 @@ class VLMParadigm(LightningModule):
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return None
 
+    @property
+    def image_mean(self) -> tuple[float, ...] | None:
+        """The normalisation the model's vision backbone (``model.vision``) expects; None without one."""
+        vision = getattr(getattr(self, "model", None), "vision", None)
+        return tuple(vision.data_config["mean"]) if vision is not None else None
+
+    @property
+    def image_std(self) -> tuple[float, ...] | None:
+        vision = getattr(getattr(self, "model", None), "vision", None)
+        return tuple(vision.data_config["std"]) if vision is not None else None
+
     def setup(self, stage: str) -> None:
         for source in self.init_from:
             load_weights(self, source)

@@ -69,14 +69,6 @@ class BLIP2Paradigm(VLMParadigm):
         """The Q-Former's tokenizer, for the captions of the stage-1 objectives."""
         return self.model.qformer.tokenizer
 
-    @property
-    def image_mean(self) -> tuple[float, ...]:
-        return self.model.vision.data_config["mean"]
-
-    @property
-    def image_std(self) -> tuple[float, ...]:
-        return self.model.vision.data_config["std"]
-
     # ---- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.losses(batch)

@@ -57,14 +57,6 @@ class Contrastive(VLMParadigm):
     def tokenizer(self):
         return self.model.text.tokenizer
 
-    @property
-    def image_mean(self) -> tuple[float, ...]:
-        return self.model.vision.data_config["mean"]
-
-    @property
-    def image_std(self) -> tuple[float, ...]:
-        return self.model.vision.data_config["std"]
-
     def _losses(self, batch: dict) -> LossOutput:
         negatives = {key: batch[key] for key in NEGATIVE_FIELDS if key in batch}
         return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **negatives))

@@ -58,3 +58,24 @@ def test_hub_name_loads_the_prepared_copy_offline_and_says_which(packaged, caplo
 def test_missing_copy_is_a_clear_error_naming_the_command(packaged):
     with pytest.raises(OSError, match="weights prepare"):
         TextEncoder(NAME, vocab_size=30)
+
+
+@pytest.mark.slow
+def test_real_packaged_checkpoints_load_offline_by_hub_name(tmp_path, monkeypatch):
+    """The real thing: prepare both packaged checkpoints (pip-installing what is missing), load them by their
+    hub names with the hub unreachable, and the chat LM still knows what it knew."""
+    import torch
+
+    from lightning_vlm.encoders.lm import LanguageModel
+
+    monkeypatch.setenv("LIGHTNING_VLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sorted(pretrained.prepare(say=lambda _: None)) == sorted(pretrained.PACKAGED)
+    assert pretrained.prepare(say=lambda _: None) == []
+    assert TextEncoder("sentence-transformers/all-MiniLM-L6-v2").width == 384
+    lm = LanguageModel("HuggingFaceTB/SmolLM2-135M-Instruct")
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = lm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    answer = lm.tokenizer.decode(lm.model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:])
+    assert "Paris" in answer

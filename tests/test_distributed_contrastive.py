@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses import CLIPLoss, LlipLoss, LossOutput, SigLIPLoss
 from lightning_vlm.models import ContrastiveOutput, Llip
+from lightning_vlm.models.contrastive import HardNegatives
 
 WORLD, GLOBAL_BATCH, VOCAB, NEGATIVES = 2, 8, 40, 2
 CASES = ["clip", "siglip", "llip", "clip+negatives", "siglip+negatives", "llip+negatives"]
@@ -50,6 +51,17 @@ class TinyTowers(nn.Module):
         return ContrastiveOutput(image_emb, text_emb, self.logit_scale, self.logit_bias, negative_emb, valid)
 
 
+class LlipWithNegatives(nn.Module):
+    """Llip taking its hard negatives as loose tensors, so every input can be split across ranks alike."""
+
+    def __init__(self, model: Llip) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor, ids: Tensor, mask: Tensor, *negatives: Tensor):
+        return self.model(pixels, ids, mask, HardNegatives(*negatives) if negatives else None)
+
+
 def _tokens(n: int) -> tuple[Tensor, Tensor]:
     ids = torch.randint(0, VOCAB, (n, 6))
     mask = torch.ones_like(ids)
@@ -70,7 +82,7 @@ def _case(name: str) -> tuple[nn.Module, nn.Module, tuple[Tensor, ...]]:
         model = Llip(vision, TextEncoder(vocab_size=VOCAB, config={"num_hidden_layers": 1}), embed_dim=16)
         inputs = (torch.randn(GLOBAL_BATCH, 3, 16, 16), *_tokens(GLOBAL_BATCH))
         extra = (*_tokens(GLOBAL_BATCH * NEGATIVES), valid) if negatives else ()
-        return model.eval(), LlipLoss(), inputs + extra  # eval: no dropout
+        return LlipWithNegatives(model).eval(), LlipLoss(), inputs + extra  # eval: no dropout
     loss = CLIPLoss() if paradigm == "clip" else SigLIPLoss()
     inputs = (torch.randn(GLOBAL_BATCH, 6), torch.randn(GLOBAL_BATCH, 5))
     extra = (torch.randn(GLOBAL_BATCH * NEGATIVES, 5), valid) if negatives else ()

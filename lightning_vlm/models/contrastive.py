@@ -17,6 +17,22 @@ from lightning_vlm.losses.contrastive import scale_logits, text_columns
 
 
 @dataclass
+class HardNegatives:
+    """Hard-negative captions of a batch (see `Collator`): (M, L) ids and mask, and (M,) which are real."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    valid: Tensor
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> HardNegatives | None:
+        """The batch's hard negatives, or None when it has none."""
+        if "negative_input_ids" not in batch:
+            return None
+        return cls(batch["negative_input_ids"], batch["negative_attention_mask"], batch["negative_valid"])
+
+
+@dataclass
 class ContrastiveOutput:
     """image_emb, text_emb: (B, E) L2-normalised; logit_scale: log of the temperature t; logit_bias: b or None;
     negative_emb (M, E) hard-negative captions and negative_valid (M,) their mask, when the batch has them."""
@@ -81,24 +97,16 @@ class DualEncoder(nn.Module):
         self.text = text
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
 
-    def forward(
-        self,
-        pixel_values: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        negative_input_ids: Tensor | None = None,
-        negative_attention_mask: Tensor | None = None,
-        negative_valid: Tensor | None = None,
-    ) -> ContrastiveOutput:
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                negatives: HardNegatives | None = None) -> ContrastiveOutput:
         """Embed both modalities of a batch of pairs (and its hard-negative captions); the loss gathers across ranks."""
-        negatives = None if negative_input_ids is None else self.encode_texts(negative_input_ids, negative_attention_mask)
         return ContrastiveOutput(
             self.encode_images(pixel_values),
             self.encode_texts(input_ids, attention_mask),
             self.heads.logit_scale,
             self.heads.logit_bias,
-            negatives,
-            negative_valid,
+            None if negatives is None else self.encode_texts(negatives.input_ids, negatives.attention_mask),
+            None if negatives is None else negatives.valid,
         )
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -163,18 +171,12 @@ class Llip(nn.Module):
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads)
 
-    def forward(
-        self,
-        pixel_values: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        negative_input_ids: Tensor | None = None,
-        negative_attention_mask: Tensor | None = None,
-        negative_valid: Tensor | None = None,
-    ) -> LlipOutput:
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                negatives: HardNegatives | None = None) -> LlipOutput:
         """Local images against the captions (then hard negatives) of all ranks, gathered with gradients."""
-        negatives = None if negative_input_ids is None else self.encode_texts(negative_input_ids, negative_attention_mask)
-        columns, valid = text_columns(self.encode_texts(input_ids, attention_mask), negatives, negative_valid)
+        negative_emb = None if negatives is None else self.encode_texts(negatives.input_ids, negatives.attention_mask)
+        columns, valid = text_columns(self.encode_texts(input_ids, attention_mask), negative_emb,
+                                      None if negatives is None else negatives.valid)
         logits = self.similarity(self.encode_images(pixel_values), columns)
         return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias, valid)
 

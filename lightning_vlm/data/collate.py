@@ -1,6 +1,8 @@
 """Tokenise formatted examples and collate them into the batch dict every paradigm consumes.
 
-Text layout: ``[BOS] prompt target [EOS]`` (``[CLS] ... [SEP]`` for tokenizers without BOS/EOS, as BERT).
+Text layout: ``[BOS] system prompt target [EOS]`` (``[CLS] ... [SEP]`` for tokenizers without BOS/EOS, as BERT);
+a tokenizer with a chat template (a chat LM's) renders system, user prompt and assistant target through it
+instead, with labels on the reply and its end-of-turn token only (data/chat.py).
 Labels are an unshifted copy of the ids on ``target [EOS]`` and -100 elsewhere; the causal shift happens
 in exactly one place, the LM loss. Contrastive examples carry no labels at all; their hard-negative captions,
 when drawn, come as ``negative_input_ids`` / ``negative_attention_mask`` (B * k, L), example by example, with
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lightning_vlm.data.chat import chat_ids, generation_prompt_ids, has_chat_template
 from lightning_vlm.data.tasks import TextExample
 
 IGNORE_INDEX = -100
@@ -54,7 +57,8 @@ class Collator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "meta": [dict(ex.meta, task=ex.text.task, prompt=ex.text.prompt, target=ex.text.target) for ex in examples],
+            "meta": [dict(ex.meta, task=ex.text.task, prompt=ex.text.prompt, target=ex.text.target,
+                          system=ex.text.system) for ex in examples],
             "num_skipped": num_skipped,
             "num_read_errors": num_read_errors,
         }
@@ -72,9 +76,14 @@ class Collator:
         input_ids, attention_mask, _ = self._pad([self.encode(TextExample("contrastive", "", t)) for t in texts])
         return input_ids, attention_mask
 
-    def prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) of ``[BOS] prompt``, LEFT-padded: the layout generation continues from."""
-        rows = [[self.start_id] + (self.tokenizer.encode(p, add_special_tokens=False) if p else []) for p in prompts]
+    def prompts(self, prompts: list[str], system: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of ``[BOS] system prompt`` (or the chat up to the assistant's turn),
+        LEFT-padded: the layout generation continues from."""
+        if has_chat_template(self.tokenizer):
+            rows = [generation_prompt_ids(self.tokenizer, p, system or None) for p in prompts]
+        else:
+            rows = [[self.start_id] + self.tokenizer.encode(" ".join(filter(None, [system, p])), add_special_tokens=False)
+                    for p in prompts]
         length = max(len(ids) for ids in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -95,8 +104,13 @@ class Collator:
         return input_ids, attention_mask, labels
 
     def encode(self, text: TextExample) -> tuple[list[int], list[int]]:
-        """Token ids and labels of one example, truncated to `max_length` (the end token is kept)."""
-        prompt = self.tokenizer.encode(text.prompt, add_special_tokens=False) if text.prompt else []
+        """Token ids and labels of one example, truncated to `max_length` (the end token is kept; a chat is cut
+        at `max_length`)."""
+        if text.task != "contrastive" and has_chat_template(self.tokenizer):
+            ids, labels = chat_ids(self.tokenizer, [(text.prompt, text.target)], text.system or None)
+            return ids[: self.max_length], labels[: self.max_length]
+        words = " ".join(filter(None, [text.system, text.prompt]))
+        prompt = self.tokenizer.encode(words, add_special_tokens=False) if words else []
         target = self.tokenizer.encode(text.target, add_special_tokens=False)
         ids = ([self.start_id] + prompt + target)[: self.max_length - 1] + [self.end_id]
         supervised = max(0, len(ids) - 1 - len(prompt)) if text.task != "contrastive" else 0  # target + end

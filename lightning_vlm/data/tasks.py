@@ -26,7 +26,7 @@ class TextExample:
     """The text side of a training example; only `target` carries labels (none for contrastive).
 
     ``negatives``: hard-negative captions of a contrastive example, a fixed number per example; None pads a
-    slot the sample had no negative for.
+    slot the sample had no negative for. ``system``: the system prompt of a generative example.
     """
 
     task: str
@@ -34,6 +34,7 @@ class TextExample:
     target: str
     extra: dict = field(default_factory=dict)
     negatives: list[str | None] = field(default_factory=list)
+    system: str = ""
 
 
 @functools.cache
@@ -53,7 +54,7 @@ def box_to_tokens(box: list[float], image_size: int, bins: int) -> str:
 class TaskFormatter:
     """Draws a task per sample by weight and writes its prompt and target; contrastive examples get
     ``hard_negatives`` negative captions drawn without replacement from the sample's json. ``system_prompt``
-    is put before every prompt of a generative task (no labels fall on it)."""
+    goes with every generative example (a system message under a chat template, else text before the prompt)."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     caption_prompt: str = ""
@@ -71,8 +72,8 @@ class TaskFormatter:
 
     def __call__(self, sample: RawSample, image_size: int, rng: random.Random) -> TextExample:
         example = self._format(sample, image_size, rng)
-        if self.system_prompt and example.task != "contrastive":
-            example.prompt = f"{self.system_prompt} {example.prompt}".strip()
+        if example.task != "contrastive":
+            example.system = self.system_prompt
         return example
 
     def _format(self, sample: RawSample, image_size: int, rng: random.Random) -> TextExample:

@@ -107,8 +107,7 @@ class BLIP2Paradigm(VLMParadigm):
             suite.update(self.model, batch)
             features.append(self.model.image_features(batch["pixel_values"]))
         if self.model.language_model is not None and not generated.full:
-            generated.update(batch["meta"], self.generate_text(batch["pixel_values"],
-                                                               [m["prompt"] for m in batch["meta"]]))
+            generated.update(batch["meta"], self._answers(batch))
 
     def on_validation_epoch_end(self) -> None:
         for idx, (suite, generated, features) in self.evaluators.items():
@@ -126,9 +125,8 @@ class BLIP2Paradigm(VLMParadigm):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Generated text for every sample, from its own prompt (a caption prompt or a question)."""
-        prompts = [m["prompt"] for m in batch["meta"]]
-        return {"keys": [m["key"] for m in batch["meta"]], "prompts": prompts,
-                "generated": self.generate_text(batch["pixel_values"], prompts)}
+        return {"keys": [m["key"] for m in batch["meta"]], "prompts": [m["prompt"] for m in batch["meta"]],
+                "generated": self._answers(batch)}
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image] | Tensor, prompt: str | Sequence[str] = "",
@@ -149,15 +147,18 @@ class BLIP2Paradigm(VLMParadigm):
 
     def sample_outputs(self, batch: dict) -> list[str] | None:
         """Generated answers for the sample-logging callback (None without a language model)."""
-        if self.model.language_model is None:
-            return None
-        return self.generate_text(batch["pixel_values"], [m["prompt"] for m in batch["meta"]])
+        return self._answers(batch) if self.model.language_model is not None else None
+
+    def _answers(self, batch: dict) -> list[str]:
+        """Generated replies to every sample's own prompt (and the batch's system prompt)."""
+        metas = batch["meta"]
+        return self.generate_text(batch["pixel_values"], [m["prompt"] for m in metas], system=metas[0].get("system", ""))
 
     @torch.no_grad()
-    def generate_text(self, pixel_values: Tensor, prompts: list[str], **generation: Any) -> list[str]:
+    def generate_text(self, pixel_values: Tensor, prompts: list[str], system: str = "", **generation: Any) -> list[str]:
         """Decoded answers of the LM to ``prompts`` about the images (greedy unless `generation` says otherwise:
         num_beams for beam search, do_sample with top_p for nucleus sampling)."""
-        ids, mask = Collator(self.tokenizer).prompts(prompts)
+        ids, mask = Collator(self.tokenizer).prompts(prompts, system)
         new = self.model.generate(pixel_values, ids.to(self.device), mask.to(self.device),
                                   **{**self.generation, **generation})
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]

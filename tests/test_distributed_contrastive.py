@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses import CLIPLoss, LlipLoss, LossOutput, SigLIPLoss
+from lightning_vlm.losses.distributed import gather_objects
 from lightning_vlm.models import ContrastiveOutput, Llip
 from lightning_vlm.models.contrastive import HardNegatives
 
@@ -104,6 +105,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         local = tuple(x.chunk(WORLD)[rank] for x in inputs)  # pairs and their negatives, split alike
         ddp = DistributedDataParallel(model)
         results[name] = {k.removeprefix("module."): v for k, v in _loss_and_grads(ddp, loss_fn, local).items()}
+    results["gathered"] = gather_objects({"rank": rank})  # what the eval suites gather their samples with
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -135,3 +137,8 @@ def test_two_ranks_match_one_process(name: str, rank_results) -> None:
         # DDP-averaged gradients are identical on every rank and equal the one-process gradient
         assert torch.allclose(per_rank[0][key], per_rank[1][key], atol=1e-6), key
         assert torch.allclose(per_rank[0][key], single[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_eval_gather_collects_every_rank_in_order(rank_results) -> None:
+    assert [r["gathered"] for r in rank_results] == [[{"rank": 0}, {"rank": 1}]] * WORLD
+    assert gather_objects("alone") is None  # one process: nothing to gather

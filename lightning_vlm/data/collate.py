@@ -84,23 +84,22 @@ class Collator:
         else:
             rows = [[self.start_id] + self.tokenizer.encode(" ".join(filter(None, [system, p])), add_special_tokens=False)
                     for p in prompts]
-        length = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, length - len(ids):] = torch.tensor(ids)
-            attention_mask[i, length - len(ids):] = 1
+        input_ids, attention_mask, _ = self._pad([(ids, []) for ids in rows], left=True)
         return input_ids, attention_mask
 
-    def _pad(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pad(self, rows: list[tuple[list[int], list[int]]], left: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, labels) rows padded to one length, on the right (training) or the left (generation prompts)."""
         length = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, (ids, lab) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention_mask[i, : len(ids)] = 1
+            span = slice(length - len(ids), length) if left else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids)
+            if lab:
+                labels[i, span] = torch.tensor(lab)
+            attention_mask[i, span] = 1
         return input_ids, attention_mask, labels
 
     def encode(self, text: TextExample) -> tuple[list[int], list[int]]:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from lightning_vlm.eval.captioning import CIDErD, answer_accuracy, bleu4
+from lightning_vlm.losses.distributed import gather_objects
 
 
 class GenerationEvaluator:
@@ -52,7 +51,6 @@ class GenerationEvaluator:
         return {f"{split}/{name}": value for name, value in metrics.items()}
 
     def _gather_ranks(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, self.records)
+        parts = gather_objects(self.records)
+        if parts is not None:
             self.records = [record for part in parts for record in part]

@@ -10,6 +10,7 @@ import torch
 
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
+from lightning_vlm.losses.distributed import gather_objects
 from lightning_vlm.eval.zero_shot import (
     Repr,
     Tokenize,
@@ -85,12 +86,10 @@ class ContrastiveEvaluator:
 
     def _gather_ranks(self) -> None:
         """Under DDP every rank holds part of the split: collect all of it, so every rank scores the whole gallery."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
         device = device_of(concat_reprs(self.image_reprs))
-        local = ([move_repr(r, "cpu") for r in self.image_reprs], self.metas)
-        parts: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, local)
+        parts = gather_objects(([move_repr(r, "cpu") for r in self.image_reprs], self.metas))
+        if parts is None:
+            return
         self.image_reprs = [move_repr(r, device) for reprs, _ in parts for r in reprs]
         self.metas = [meta for _, metas in parts for meta in metas]
 

@@ -61,6 +61,16 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def gather_objects(obj: object) -> list[object] | None:
+    """Every rank's ``obj`` (picklable), in rank order, for evaluation that scores a whole split; None without
+    an initialised process group. Unlike the loss gathers, this ignores `local_batch`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    parts: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def rank_offset(local_batch: int) -> int:
     """Row of this rank's first sample in the gathered batch (equal local batches assumed)."""
     return _world()[0] * local_batch

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_vlm.data.tokenizer import train_tokenizer
-from lightning_vlm.encoders import TextEncoder, VisionEncoder
+from lightning_vlm.encoders import ConvStem, TextEncoder, VisionEncoder
 from lightning_vlm.losses import scale_logits
 from lightning_vlm.models import DualEncoder, Llip
 
@@ -50,6 +50,21 @@ def test_vit_stages_reproduce_timm_forward_features() -> None:
     m = enc.model
     manual = m.norm(m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))))
     assert torch.allclose(manual, m.forward_features(x))
+
+
+def test_hybrid_vit_tokens_are_the_cnn_feature_map_cells() -> None:
+    """A ConvStem's stage-2 map (stride 8) of a 32-px image gives 4x4 tokens; Llip's extra tokens still attach."""
+    torch.manual_seed(0)
+    stem = ConvStem("resnet10t", out_index=2, overrides={"norm_layer": "groupnorm1", "channels": [8, 16, 32, 64],
+                                                         "stem_width": 8})
+    vit = {key: value for key, value in TINY_VIT.items() if key != "patch_size"}  # the stem sets patch size 1
+    enc = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=2, overrides=vit, stem=stem).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = enc(x)
+    assert out.tokens.shape == (2, 1 + 16, 64) and out.extra_tokens.shape == (2, 2, 64)
+    cells = enc.model.patch_embed.proj(enc.model.patch_embed.backbone(x)[-1]).flatten(2).transpose(1, 2)
+    assert torch.allclose(enc.model.patch_embed(x), cells)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())  # no batch statistics to leak pairs
 
 
 def test_vision_encoder_cnn_tokens_and_extra_tokens_error() -> None:

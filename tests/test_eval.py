@@ -123,7 +123,8 @@ def test_zero_shot_accuracy_perfect_and_anti_models(table: dict[bool, float], ex
     assert accuracy == expected
 
 
-def test_zero_shot_averages_scores_over_templates() -> None:
+@pytest.mark.parametrize(("reduction", "expected"), [("mean", 1.0), ("max", 0.0)])
+def test_zero_shot_reduces_scores_over_templates(reduction: str, expected: float) -> None:
     """Template 1 favours the right class by 1.0, template 2 a wrong one by 0.6: the mean is right, the max wrong."""
     classes, vocabulary = ["circle", "square"], Vocabulary()
 
@@ -136,7 +137,31 @@ def test_zero_shot_averages_scores_over_templates() -> None:
 
     model = TwoTemplateModel(vocabulary, classes, {True: 1.0, False: 0.0})
     templates = ["a {}.", "a photo of a {}."]
-    assert zero_shot_accuracy(model, vocabulary, torch.tensor([0, 1]), ["circle", "square"], classes, templates) == 1.0
+    accuracy = zero_shot_accuracy(model, vocabulary, torch.tensor([0, 1]), ["circle", "square"], classes, templates,
+                                  reduction=reduction)
+    assert accuracy == expected
+
+
+def test_zero_shot_max_lets_only_the_template_that_describes_the_image_vote() -> None:
+    """Images are red circles and blue squares. A template naming the wrong colour scores "square" high whatever the
+    image (a bias the mean inherits); the template with the image's own colour ranks the shapes correctly."""
+    classes, vocabulary = ["circle", "square"], Vocabulary()
+    colors = ["red", "blue"]
+
+    class ColourBiasedModel(LookupModel):
+        def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
+            correct = super().similarity(image_repr, text_repr)
+            texts = [self.vocabulary.texts[i] for i in text_repr.tolist()]
+            own_colour = torch.tensor([[colors[i] in text for text in texts] for i in image_repr.tolist()])
+            says_square = torch.tensor(["square" in text for text in texts])
+            return torch.where(own_colour, 2.0 + correct, says_square * 2.0 + 0.5)
+
+    model = ColourBiasedModel(vocabulary, classes, {True: 1.0, False: 0.0})
+    images, targets, templates = torch.tensor([0, 0, 1]), ["circle", "circle", "square"], ["a red {}.", "a blue {}."]
+    assert zero_shot_accuracy(model, vocabulary, images, targets, classes, templates, reduction="max") == 1.0
+    assert zero_shot_accuracy(model, vocabulary, images, targets, classes, templates, reduction="mean") == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="reduction"):
+        zero_shot_accuracy(model, vocabulary, images, targets, classes, templates, reduction="median")
 
 
 def test_binding_accuracy_per_kind() -> None:

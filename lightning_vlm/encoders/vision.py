@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import timm
 import torch
+from timm.layers import HybridEmbed
 from torch import Tensor, nn
 
 
@@ -26,11 +28,29 @@ class VisionOutput:
     extra_tokens: Tensor | None = None
 
 
+@dataclass
+class ConvStem:
+    """A timm CNN whose feature map at stage `out_index` replaces a ViT's patch embedding (a hybrid ViT, as in
+    Dosovitskiy et al. 2021, sec. 3.1). Convolutions learn small shapes far faster than patchify from scratch."""
+
+    name: str = "resnet10t"
+    out_index: int = 2
+    pretrained: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        """The CNN truncated after stage `out_index`, returning that stage's feature map."""
+        return timm.create_model(
+            self.name, pretrained=self.pretrained, features_only=True, out_indices=(self.out_index,), **self.overrides
+        )
+
+
 class VisionEncoder(nn.Module):
     """A timm model without classifier; optionally ViT-style with K extra learnable tokens (Llip).
 
     `overrides` go to `timm.create_model` (img_size, patch_size, depth, embed_dim, num_heads, ...),
-    so tiny test configs and pretrained backbones share one class.
+    so tiny test configs and pretrained backbones share one class. A `stem` makes a ViT hybrid: its tokens are the
+    cells of a CNN's feature map, through timm's own HybridEmbed.
     """
 
     def __init__(
@@ -39,9 +59,13 @@ class VisionEncoder(nn.Module):
         pretrained: bool = False,
         num_extra_tokens: int = 0,
         overrides: dict[str, Any] | None = None,
+        stem: ConvStem | None = None,
     ) -> None:
         super().__init__()
-        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **(overrides or {}))
+        kwargs = dict(overrides or {})
+        if stem is not None:
+            kwargs = {"patch_size": 1, **kwargs, "embed_layer": partial(HybridEmbed, backbone=stem.build())}
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
         self.extra_tokens: nn.Parameter | None = None
         if num_extra_tokens:

@@ -20,8 +20,9 @@ OBJECT_PHRASE = "a {size} {color} {shape}."
 
 
 def caption_templates(attribute: str, objects: Sequence[dict[str, Any]]) -> list[str]:
-    """CLIP-style prompt ensembling in the benchmark's own wording: "a {size} {color} {shape}." with `attribute`
-    left open and the other two slots filled with every value seen among `objects`."""
+    """Prompts in the benchmark's own wording: "a {size} {color} {shape}." with `attribute` left open and the other
+    two slots filled with every value seen among `objects`. Only one of them describes a given image, so score them
+    with ``reduction="max"``."""
     others = [slot for slot in ("size", "color", "shape") if slot != attribute]
     values = [sorted({obj[slot] for obj in objects}) for slot in others]
     return [OBJECT_PHRASE.format(**dict(zip(others, combo)), **{attribute: "{}"}) for combo in itertools.product(*values)]
@@ -36,12 +37,20 @@ def zero_shot_accuracy(
     classes: Sequence[str],
     templates: Sequence[str],
     chunk_size: int = 256,
+    reduction: str = "mean",
 ) -> float:
-    """Accuracy of predicting each image's class as the argmax over classes of its score, averaged over templates."""
+    """Accuracy of predicting each image's class as the argmax over classes of its score over templates.
+
+    ``reduction="mean"`` is CLIP's prompt ensembling, for templates that say nothing else about the image ("a photo
+    of a {}."). ``"max"`` scores a class by its best-matching template, for templates that also name other
+    attributes ("a small red {}."): the attributes the image does not have must not vote.
+    """
+    if reduction not in ("mean", "max"):
+        raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
     texts = [template.format(name) for template in templates for name in classes]
     text_repr = encode_texts(model, tokenize, texts, device_of(image_repr), chunk_size)
-    scores = similarity_matrix(model, image_repr, text_repr, chunk_size)
-    class_scores = scores.unflatten(1, (len(templates), len(classes))).float().mean(dim=1)
+    scores = similarity_matrix(model, image_repr, text_repr, chunk_size).unflatten(1, (len(templates), len(classes)))
+    class_scores = scores.float().mean(dim=1) if reduction == "mean" else scores.float().amax(dim=1)
     target = torch.tensor([classes.index(name) for name in targets], device=scores.device)
     return multiclass_accuracy(class_scores.argmax(dim=1), target, len(classes), average="micro").item()
 

@@ -10,6 +10,7 @@ from lightning_vlm.data.tokenizer import train_tokenizer
 from lightning_vlm.encoders import ConvStem, TextEncoder, VisionEncoder
 from lightning_vlm.losses import scale_logits
 from lightning_vlm.models import DualEncoder, Llip
+from lightning_vlm.models.contrastive import HardNegatives
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 VOCAB = 50
@@ -113,6 +114,25 @@ def test_text_encoder_config_overrides_and_errors() -> None:
 def _towers(extra: int = 0) -> tuple[VisionEncoder, TextEncoder]:
     torch.manual_seed(0)
     return VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=extra, overrides=TINY_VIT), TextEncoder(vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("valid", [[False, True, False, True], [False, False, False, False]], ids=["some", "none"])
+def test_hard_negatives_encode_only_real_slots_and_equal_encoding_alone(valid: list[bool]) -> None:
+    text = TextEncoder(vocab_size=VOCAB).eval()
+    ids, mask = _text_batch(n=4, length=9)
+    mask[1, 5:], mask[3, 6:] = 0, 0  # the longest real negative ends at 6: the batch is trimmed to it
+    calls = []
+
+    def encode(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        calls.append(input_ids.shape)
+        return text(input_ids, attention_mask).pooled
+
+    embeddings = HardNegatives(ids, mask, torch.tensor(valid)).encode(encode)
+    assert embeddings.shape == (4, text.width)
+    for row, real in enumerate(valid):
+        alone = text(ids[row : row + 1], mask[row : row + 1]).pooled[0]
+        assert torch.allclose(embeddings[row], alone, atol=1e-5) if real else not embeddings[row].any()
+    assert calls == ([(2, 6)] if any(valid) else [(1, 4)])  # with none real, only slot 0 runs (for the width)
 
 
 def test_dual_encoder_similarity_matches_training_logits() -> None:

@@ -6,6 +6,7 @@ Both expose the eval API of CONTRACTS.md: encode_images, encode_texts, similarit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,16 @@ class HardNegatives:
         if "negative_input_ids" not in batch:
             return None
         return cls(batch["negative_input_ids"], batch["negative_attention_mask"], batch["negative_valid"])
+
+    def encode(self, encode_texts: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """(M, E) embeddings of the real negatives, trimmed to their longest; padded slots (which the losses mask
+        out) stay zero and cost no text-encoder time (a quarter to half of the slots on the synthetic benchmark)."""
+        rows = self.valid.nonzero().flatten()
+        encoded = rows if len(rows) else rows.new_zeros(1)  # with none real, one padded slot gives the width E
+        ids, mask = self.input_ids[encoded], self.attention_mask[encoded]
+        length = max(1, int(mask.sum(dim=1).max()))
+        real = encode_texts(ids[:, :length], mask[:, :length])[: len(rows)]
+        return real.new_zeros(len(self.valid), real.shape[-1]).index_copy(0, rows, real)
 
 
 @dataclass
@@ -105,7 +116,7 @@ class DualEncoder(nn.Module):
             self.encode_texts(input_ids, attention_mask),
             self.heads.logit_scale,
             self.heads.logit_bias,
-            None if negatives is None else self.encode_texts(negatives.input_ids, negatives.attention_mask),
+            None if negatives is None else negatives.encode(self.encode_texts),
             None if negatives is None else negatives.valid,
         )
 
@@ -174,7 +185,7 @@ class Llip(nn.Module):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 negatives: HardNegatives | None = None) -> LlipOutput:
         """Local images against the captions (then hard negatives) of all ranks, gathered with gradients."""
-        negative_emb = None if negatives is None else self.encode_texts(negatives.input_ids, negatives.attention_mask)
+        negative_emb = None if negatives is None else negatives.encode(self.encode_texts)
         columns, valid = text_columns(self.encode_texts(input_ids, attention_mask), negative_emb,
                                       None if negatives is None else negatives.valid)
         logits = self.similarity(self.encode_images(pixel_values), columns)

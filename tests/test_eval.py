@@ -67,6 +67,14 @@ class TupleModel(BagOfWordsModel):
         return image_repr.scale[:, None] * text_repr[1][None, :] * super().similarity(image_repr[0], text_repr[0])
 
 
+class MixedPrecisionModel(BagOfWordsModel):
+    """Images encoded under bf16 autocast during validation steps, texts in float32 when the epoch ends (as Lightning's
+    bf16-mixed does): the evaluator must still score them together."""
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        return super().encode_images(pixel_values).bfloat16()
+
+
 def test_retrieval_recall_hand_computed_with_repeated_captions() -> None:
     captions = ["a", "b", "a", "c"]
     scores = torch.tensor(
@@ -218,7 +226,7 @@ BATCHES = [
 ]
 
 
-@pytest.mark.parametrize("model_class", [BagOfWordsModel, TupleModel])
+@pytest.mark.parametrize("model_class", [BagOfWordsModel, TupleModel, MixedPrecisionModel])
 def test_evaluator_end_to_end(model_class: type) -> None:
     vocabulary = Vocabulary()
     model = model_class(vocabulary)

@@ -18,6 +18,7 @@ from lightning_vlm.eval.zero_shot import (
     concat_reprs,
     device_of,
     encode_texts,
+    map_repr,
     paired_similarity,
     select_rows,
     similarity_matrix,
@@ -67,7 +68,7 @@ class ContrastiveEvaluator:
         """Encode a batch's images and keep them with the batch's metas, up to ``max_samples`` in all."""
         room = len(batch["meta"]) if self.max_samples is None else self.max_samples - len(self.metas)
         if room > 0:
-            self.image_reprs.append(model.encode_images(batch["pixel_values"][:room]))
+            self.image_reprs.append(map_repr(model.encode_images(batch["pixel_values"][:room]), full_precision))
             self.metas.extend(batch["meta"][:room])
 
     @torch.no_grad()
@@ -141,10 +142,12 @@ class ContrastiveEvaluator:
 
 def move_repr(repr_: Repr, device: torch.device | str) -> Repr:
     """A representation (Tensor or tuple of Tensors) on `device`."""
-    if isinstance(repr_, torch.Tensor):
-        return repr_.to(device)
-    return type(repr_)(*(part.to(device) for part in repr_)) if hasattr(repr_, "_fields") else tuple(
-        part.to(device) for part in repr_)
+    return map_repr(repr_, lambda part: part.to(device))
+
+
+def full_precision(part: torch.Tensor) -> torch.Tensor:
+    """Floating tensors in float32: images encoded under bf16 autocast are scored against texts encoded outside it."""
+    return part.float() if part.is_floating_point() else part
 
 
 def shared_value(objects: Sequence[dict[str, Any]], attribute: str) -> str | None:

@@ -101,6 +101,11 @@ def device_of(repr: Repr) -> torch.device:
     return _parts(repr)[0].device
 
 
+def map_repr(repr: Repr, fn: Callable[[Tensor], Tensor]) -> Repr:
+    """``fn`` applied to every tensor of a representation, its kind (Tensor, tuple, namedtuple) kept."""
+    return _rebuild(repr, [fn(part) for part in _parts(repr)])
+
+
 def _parts(repr: Repr) -> list[Tensor]:
     """The tensors making up a representation; a clear error for anything else."""
     parts = [repr] if isinstance(repr, Tensor) else list(repr) if isinstance(repr, tuple) else []

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_vlm.adapters.projection import make_projection
 from lightning_vlm.adapters.qformer import QFormer
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
@@ -29,6 +30,7 @@ from lightning_vlm.losses.qformer import (
     mine_hard_negatives,
     query_text_similarity,
 )
+from lightning_vlm.models.visual_prompt import VisualPromptLM
 
 
 @dataclass
@@ -53,16 +55,7 @@ class ITGHead(nn.Module):
         return self.transform(hidden) @ self.word_embeddings.weight.T + self.bias
 
 
-def make_projection(kind: Literal["linear", "mlp"], width_in: int, width_out: int) -> nn.Module:
-    """Q-Former outputs -> LM embeddings: BLIP-2's linear layer, or a two-layer GELU MLP (LLaVA-1.5 style)."""
-    if kind == "linear":
-        return nn.Linear(width_in, width_out)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(width_in, width_out), nn.GELU(), nn.Linear(width_out, width_out))
-    raise ValueError(f"projection must be 'linear' or 'mlp', got {kind!r}")
-
-
-class BLIP2(nn.Module):
+class BLIP2(VisualPromptLM):
     """Image encoder -> Q-Former (stage 1 heads) -> projection -> language model (stage 2).
 
     ``qformer`` is called with the image encoder's width (so YAML never repeats it); ``language_model`` is
@@ -144,25 +137,6 @@ class BLIP2(nn.Module):
             raise ValueError("this BLIP2 has no language_model: stage 2 and generation need one")
         return self.lm_projection(self.queries(self.image_features(pixel_values)))
 
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Next-token loss on the labelled (target) tokens, the visual prompt prepended to the text."""
-        prompt = self.visual_prompt(pixel_values)
-        embeds = torch.cat([prompt, self.language_model.embed(input_ids)], dim=1)
-        ones = attention_mask.new_ones(prompt.shape[:2])
-        no_labels = labels.new_full(prompt.shape[:2], -100)
-        out = self.language_model(embeds, torch.cat([ones, attention_mask], 1), torch.cat([no_labels, labels], 1))
-        return out.loss
-
-    @torch.no_grad()
-    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, **generation) -> Tensor:
-        """New LM token ids continuing ``[visual prompt] prompt`` for left-padded prompts (B, L)."""
-        visual = self.visual_prompt(pixel_values)
-        embeds = torch.cat([visual, self.language_model.embed(prompt_ids)], dim=1)
-        mask = torch.cat([prompt_mask.new_ones(visual.shape[:2]), prompt_mask], dim=1)
-        if (prompt_mask[:, 0] == 0).any():  # left padding must come before the image, not between it and text
-            embeds, mask = _move_padding_left(embeds, mask)
-        return self.language_model.generate(embeds, mask, **generation)
-
     # ---- contrastive-style eval API (CONTRACTS.md) -------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, Q, E) normalised query embeddings."""
@@ -185,8 +159,3 @@ class BLIP2(nn.Module):
             groups.update(language_model=self.language_model, lm_projection=self.lm_projection)
         return groups
 
-
-def _move_padding_left(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Reorder each row so its padded positions come first, keeping the order of the real ones."""
-    order = torch.argsort(mask, dim=1, stable=True)  # zeros (padding) first
-    return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)

@@ -1,0 +1,122 @@
+"""Image-to-text training and evaluation for any model that prompts a language model with an image.
+
+The model (a `VisualPromptLM`: LLaVA, BLIP-2's stage 2, ...) gives ``lm_loss`` and ``generate``; this paradigm
+trains on the next-token loss over the target text (captions and answers, as the DataModule's task mixture
+lays them out), evaluates generated captions (CIDEr-D, BLEU-4) and answers (VQA accuracy per skill), and
+answers about any image from Python (`generate`) or over a split (`predict`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from lightning_vlm.data.collate import Collator
+from lightning_vlm.data.reading import RawSample
+from lightning_vlm.data.transforms import ImageTransform
+from lightning_vlm.eval.generation import GenerationEvaluator
+from lightning_vlm.losses.output import LossOutput
+from lightning_vlm.models.visual_prompt import VisualPromptLM
+from lightning_vlm.paradigms.base import VLMParadigm
+
+
+class ImageToText(VLMParadigm):
+    """Trains a `VisualPromptLM` on its ``lm`` loss; greedy generation unless `generation` says otherwise."""
+
+    def __init__(self, model: VisualPromptLM, eval_max_samples: int | None = 1000,
+                 generation: dict[str, Any] | None = None, **optim) -> None:
+        super().__init__(**optim)
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.eval_max_samples = eval_max_samples
+        self.generation = {"max_new_tokens": 24, "num_beams": 1, "do_sample": False, **(generation or {})}
+        self.generation_evaluators: dict[int, GenerationEvaluator] = {}
+
+    @property
+    def tokenizer(self):
+        """The LM's tokenizer lays out prompts and targets."""
+        return self.model.language_model.tokenizer
+
+    # ---- training -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        self.log_losses("train", losses, batch_size=len(batch["meta"]))
+        return losses.total
+
+    def losses(self, batch: dict) -> LossOutput:
+        lm = self.model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return LossOutput(lm, {"lm": lm})
+
+    # ---- evaluation -----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log_losses(self.eval_split_name(dataloader_idx), self.losses(batch), batch_size=len(batch["meta"]))
+        self.update_generation(batch, dataloader_idx)
+
+    def update_generation(self, batch: dict, dataloader_idx: int) -> None:
+        """Generate for the batch's own prompts until the split's evaluator holds `eval_max_samples`."""
+        evaluator = self.generation_evaluators.setdefault(dataloader_idx, GenerationEvaluator(self.eval_max_samples))
+        if self.model.language_model is not None and not evaluator.full:
+            evaluator.update(batch["meta"], self._answers(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        for idx in sorted(self.generation_evaluators):
+            self.log_dict(self.eval_metrics(idx, self.eval_split_name(idx)), add_dataloader_idx=False)
+
+    def eval_metrics(self, dataloader_idx: int, split: str) -> dict[str, float]:
+        """The split's metrics at the end of an evaluation epoch (evaluators are reset for the next one)."""
+        evaluator = self.generation_evaluators[dataloader_idx]
+        metrics = evaluator.compute(split) if evaluator.records else {}
+        evaluator.reset()
+        return metrics
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Generated text for every sample, from its own prompt (a caption prompt or a question)."""
+        return {"keys": [m["key"] for m in batch["meta"]], "prompts": [m["prompt"] for m in batch["meta"]],
+                "generated": self._answers(batch)}
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, images: Sequence[Image.Image] | Tensor, prompt: str | Sequence[str] = "",
+                 **generation: Any) -> list[str]:
+        """What the LM says about each image given ``prompt`` (one for all, or one per image): the notebook API.
+
+        ``images``: PIL images (resized and normalised as this model reads them) or ready pixel values.
+        """
+        pixels = images if isinstance(images, Tensor) else self.preprocess(images)
+        prompts = [prompt] * len(pixels) if isinstance(prompt, str) else list(prompt)
+        return self.generate_text(pixels.to(self.device), prompts, **generation)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images -> (B, 3, H, W) pixel values at the vision backbone's input size and statistics."""
+        transform = ImageTransform(self.model.vision.data_config["input_size"][-1], self.image_mean, self.image_std)
+        return torch.stack([transform(RawSample("", image.convert("RGB"), "", {}), random.Random(0))[0]
+                            for image in images])
+
+    def sample_outputs(self, batch: dict) -> list[str] | None:
+        """Generated answers for the sample-logging callback (None without a language model)."""
+        return self._answers(batch) if self.model.language_model is not None else None
+
+    @torch.no_grad()
+    def generate_text(self, pixel_values: Tensor, prompts: list[str], system: str = "", **generation: Any) -> list[str]:
+        """Decoded answers of the LM to ``prompts`` about the images (greedy unless `generation` says otherwise:
+        num_beams for beam search, do_sample with top_p for nucleus sampling)."""
+        ids, mask = Collator(self.tokenizer).prompts(prompts, system)
+        new = self.model.generate(pixel_values, ids.to(self.device), mask.to(self.device),
+                                  **{**self.generation, **generation})
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _answers(self, batch: dict) -> list[str]:
+        """Generated replies to every sample's own prompt (and the batch's system prompt)."""
+        metas = batch["meta"]
+        return self.generate_text(batch["pixel_values"], [m["prompt"] for m in metas], system=metas[0].get("system", ""))

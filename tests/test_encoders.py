@@ -13,6 +13,7 @@ from lightning_vlm.models import DualEncoder, Llip
 from lightning_vlm.models.contrastive import HardNegatives
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+CNN = {"norm_layer": "groupnorm1", "channels": [8, 16, 32, 64], "stem_width": 8, "layers": [1, 1, 1, 1]}
 VOCAB = 50
 
 
@@ -41,6 +42,17 @@ def test_vision_encoder_extra_tokens() -> None:
     assert out.extra_tokens.shape == (2, 3, 64) and out.tokens.shape == (2, 17, 64)
     out.extra_tokens.sum().backward()
     assert enc.extra_tokens.grad is not None and enc.extra_tokens.grad.abs().sum() > 0
+
+
+def test_a_frozen_vision_encoder_keeps_no_graph_and_a_trainable_one_does() -> None:
+    enc = VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT)
+    pixels = torch.randn(2, 3, 32, 32, requires_grad=True)
+    assert enc(pixels).tokens.grad_fn is not None
+    enc.requires_grad_(False)
+    out = enc(pixels)
+    assert out.tokens.grad_fn is None and out.pooled.grad_fn is None
+    enc.model.blocks[0].requires_grad_(True)  # partly trainable: the graph is kept
+    assert enc(pixels).tokens.grad_fn is not None
 
 
 def test_vit_stages_reproduce_timm_forward_features() -> None:
@@ -176,3 +188,14 @@ def test_llip_conditioning_matches_per_pair_attention() -> None:
             cosine = F.normalize(mixed, dim=-1) @ texts[j]
             expected[i, j] = heads.logit_scale.exp() * cosine + heads.logit_bias
     assert torch.allclose(model.similarity(images, texts), expected, atol=1e-5)
+
+
+def test_cnn_runs_channels_last_with_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    cnn = VisionEncoder("resnet10t", overrides=CNN)
+    assert cnn.channels_last and cnn.model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = VisionEncoder("resnet10t", overrides=CNN, channels_last=False)
+    plain.load_state_dict(cnn.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(cnn(pixels).tokens, plain(pixels).tokens, rtol=1e-4, atol=1e-5)
+    assert not VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT).channels_last

@@ -28,8 +28,7 @@ class VisualPromptLM(nn.Module):
         embeds = torch.cat([prompt, self.language_model.embed(input_ids)], dim=1)
         ones = attention_mask.new_ones(prompt.shape[:2])
         no_labels = labels.new_full(prompt.shape[:2], -100)
-        out = self.language_model(embeds, torch.cat([ones, attention_mask], 1), torch.cat([no_labels, labels], 1))
-        return out.loss
+        return self.language_model.loss(embeds, torch.cat([ones, attention_mask], 1), torch.cat([no_labels, labels], 1))
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, **generation) -> Tensor:

@@ -84,6 +84,12 @@ class StagedFreezing(Callback):
         self.current, self.frozen = -1, set()
         self._enter(state_dict["phase"])
 
+    def apply(self, pl_module: LightningModule, index: int = -1) -> None:
+        """Put `pl_module` in phase `index` (default the last) outside a Trainer, LoRA injected and parts frozen as
+        a fit would have them there: for profiling and notebooks."""
+        self.setup(None, pl_module, "fit")
+        self._enter(index % len(self.phases))
+
     # ---- the plan ---------------------------------------------------------------------------------------------------
     def _due(self, step: int, epoch: int) -> int:
         """Index of the last phase whose start has been reached."""

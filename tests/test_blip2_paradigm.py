@@ -190,3 +190,12 @@ def test_generate_from_pil_images_and_one_prompt(tiny_benchmark):
     answers = paradigm.generate(images, "what colour is the square?", max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert paradigm.preprocess(images).shape == (2, 3, 64, 64)
+
+
+def test_plan_apply_puts_a_model_in_a_phase_outside_a_trainer(tiny_benchmark):
+    paradigm = build(tiny_benchmark)
+    StagedFreezing(PLAN).apply(paradigm)  # the last phase, as a fit reaching it would leave the model
+    assert paradigm.loss_weights["lm"] == 1.0 and paradigm.loss_weights["itc"] == 0.0
+    assert not any(p.requires_grad for p in paradigm.model.vision.parameters()) and not paradigm.model.vision.training
+    assert all(p.requires_grad for p in paradigm.model.language_model.parameters())
+    assert paradigm.lr_multipliers == {"language_model": 0.5}

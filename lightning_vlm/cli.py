@@ -1,4 +1,5 @@
-"""The command line: LightningCLI for fit/validate/test/predict, plus the ``data`` tools.
+"""The command line: LightningCLI for fit/validate/test/predict, plus the ``data``, ``weights`` and ``retention``
+tools.
 
 ``python -m lightning_vlm fit --config recipes/clip.yaml`` (several ``--config`` compose, later ones win;
 ``--print_config`` shows the resolved configuration; an unknown key fails naming the key).
@@ -80,6 +81,35 @@ def weights_main(argv: list[str]) -> int:
     return 0
 
 
+def retention_main(argv: list[str]) -> int:
+    """``retention``: the language-retention probes (eval/retention.py) on a language model alone, or on the
+    language model inside a trained recipe, so any run can be compared with the LM it started from."""
+    import argparse
+    import json
+
+    from lightning_vlm.encoders.lm import LanguageModel
+    from lightning_vlm.eval.retention import RetentionProbe
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_vlm retention")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lm", help="a causal LM by hub name or path (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    source.add_argument("--config", help="a recipe whose model has a language_model")
+    parser.add_argument("--checkpoint", help="the recipe's trained weights (with --config)")
+    parser.add_argument("--out", help="write the scores and every answer to this json file")
+    args = parser.parse_args(argv)
+    lm = LanguageModel(args.lm) if args.lm else load_model(args.config, args.checkpoint).model.language_model
+    probe = RetentionProbe()
+    metrics = probe.run(lm)
+    print(f"knowledge exact match {metrics['knowledge']:.3f} ({len(probe.questions)} questions), "
+          f"perplexity {metrics['perplexity']:.2f} ({len(probe.paragraphs)} paragraphs)")
+    if args.out:
+        answers = [{"question": q.question, "answers": list(q.answers), "generated": a}
+                   for q, a in zip(probe.questions, probe.answers)]
+        with open(args.out, "w") as f:
+            json.dump({**metrics, "questions": answers}, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lightning_vlm``: ``data ...`` goes to the data tools, the rest to LightningCLI."""
     words = sys.argv[1:] if argv is None else argv
@@ -89,5 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return data_main(words[1:])
     if words[:1] == ["weights"]:
         return weights_main(words[1:])
+    if words[:1] == ["retention"]:
+        return retention_main(words[1:])
     run_cli(argv)
     return 0

@@ -47,7 +47,11 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[tuple[str, str]
     return ids, labels
 
 
-def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of a one-turn chat up to where the assistant's reply starts."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return render(tokenizer, messages, generation_prompt=True)
+def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None = None,
+                          history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """Token ids of a chat up to where the assistant's reply to ``prompt`` starts, after the (user, assistant)
+    turns of ``history`` (few-shot demonstrations, or an earlier conversation)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, assistant in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return render(tokenizer, messages + [{"role": "user", "content": prompt}], generation_prompt=True)

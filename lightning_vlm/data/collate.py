@@ -13,6 +13,7 @@ as a contrastive text: ``caption_input_ids`` / ``caption_attention_mask``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,14 +77,17 @@ class Collator:
         input_ids, attention_mask, _ = self._pad([self.encode(TextExample("contrastive", "", t)) for t in texts])
         return input_ids, attention_mask
 
-    def prompts(self, prompts: list[str], system: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def prompts(self, prompts: list[str], system: str = "", history: Sequence[tuple[str, str]] = ()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of ``[BOS] system prompt`` (or the chat up to the assistant's turn),
-        LEFT-padded: the layout generation continues from."""
+        LEFT-padded: the layout generation continues from. ``history``: (user, assistant) turns before each
+        prompt, e.g. few-shot demonstrations."""
         if has_chat_template(self.tokenizer):
-            rows = [generation_prompt_ids(self.tokenizer, p, system or None) for p in prompts]
+            rows = [generation_prompt_ids(self.tokenizer, p, system or None, history) for p in prompts]
         else:
-            rows = [[self.start_id] + self.tokenizer.encode(" ".join(filter(None, [system, p])), add_special_tokens=False)
-                    for p in prompts]
+            before = [system, *(f"{user} {reply}" for user, reply in history)]
+            rows = [[self.start_id] + self.tokenizer.encode(" ".join(filter(None, [*before, p])),
+                                                            add_special_tokens=False) for p in prompts]
         input_ids, attention_mask, _ = self._pad([(ids, []) for ids in rows], left=True)
         return input_ids, attention_mask
 

@@ -74,3 +74,19 @@ def test_real_smollm2_knows_general_facts_and_reads_english(real_checkpoints):
     metrics = RetentionProbe(load_questions()[:12], load_paragraphs()[:2]).run(lm)
     assert metrics["knowledge"] >= 0.5  # capitals and planets: what a 135M instruct model knows
     assert 1.0 < metrics["perplexity"] < 60.0
+
+
+@pytest.mark.parametrize("override, lm_in_last_phase", [("llava_frozen.yaml", "frozen"), ("llava_full.yaml", "full")])
+def test_lm_tuning_overrides_compose_with_the_recipe(override, lm_in_last_phase, tiny_benchmark, real_checkpoints):
+    from lightning_vlm.cli import VLMCLI
+    from lightning_vlm.eval.retention import LanguageRetention
+
+    args = ["--config", str(RECIPES / "llava_smollm2.yaml"), "--config", str(RECIPES / "lm_tuning" / override),
+            "--model.init_args.init_from", "[]", "--trainer.logger", "false", "--data.init_args.root", tiny_benchmark]
+    cli = VLMCLI(args=args, run=False)
+    plan = next(c for c in cli.trainer.callbacks if isinstance(c, StagedFreezing))
+    assert any(isinstance(c, LanguageRetention) for c in cli.trainer.callbacks)
+    plan.apply(cli.model)
+    lm = cli.model.model.language_model
+    trained = [n for n, p in lm.named_parameters() if p.requires_grad]
+    assert (trained == []) if lm_in_last_phase == "frozen" else (len(trained) == len(list(lm.parameters())))

@@ -6,21 +6,23 @@ says how it makes the visual prompt (`visual_prompt`), this class trains and dec
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders.lm import LanguageModel
 
 
-class VisualPromptLM(nn.Module):
+class VisualPromptLM(nn.Module, ABC):
     """Next-token loss and generation for ``[visual prompt] text``; subclasses set `language_model` and define
     `visual_prompt`."""
 
     language_model: LanguageModel | None
 
+    @abstractmethod
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, M, D_lm) the image as M soft tokens of the LM's embedding width."""
-        raise NotImplementedError
 
     def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Next-token loss on the labelled (target) tokens, the visual prompt prepended to the text."""

@@ -33,6 +33,7 @@ from lightning_vlm.encoders.lm import LanguageModel
 
 log = logging.getLogger(__name__)
 
+PUNCTUATION = frozenset(string.punctuation)
 DEFAULT_SYSTEM = "Answer the question with only the answer, in one to three words."
 # Few-shot demonstrations, none of them among the questions: they show the answer format, not the facts.
 DEMONSTRATIONS = (("What is the capital of Portugal?", "Lisbon"), ("How many wheels does a bicycle have?", "two"),
@@ -60,7 +61,7 @@ def load_paragraphs(path: str | Path | None = None) -> list[str]:
 
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces (the SQuAD normalisation)."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

@@ -16,7 +16,9 @@ class SampleImageLogger(Callback):
     """At the end of each validation, draws the first `num_samples` images of the first val batch.
 
     Under each image: its caption, the sample's prompt -> target, and, if the module defines
-    ``sample_outputs(batch) -> list[str]`` (generated captions, answers), what the model produced.
+    ``sample_outputs(batch) -> list[str]`` (generated captions, answers), what the model produced. A module that
+    defines ``reconstructions(batch) -> (masked, reconstructed)`` (masked image modelling) also gets a grid
+    "reconstructions": each image, its masked input and the reconstruction, side by side.
     """
 
     def __init__(self, num_samples: int = 8, tile: int = 160) -> None:
@@ -35,12 +37,20 @@ class SampleImageLogger(Callback):
         if batch is None or trainer.sanity_checking or not hasattr(writer, "add_image"):
             return
         outputs = pl_module.sample_outputs(batch) if hasattr(pl_module, "sample_outputs") else None
-        images = denormalize(batch["pixel_values"], getattr(pl_module, "image_mean", None) or CLIP_MEAN,
-                             getattr(pl_module, "image_std", None) or CLIP_STD)
+        mean = getattr(pl_module, "image_mean", None) or CLIP_MEAN
+        std = getattr(pl_module, "image_std", None) or CLIP_STD
+        images = denormalize(batch["pixel_values"], mean, std)
         lines = [describe(meta, outputs[i] if outputs else None) for i, meta in enumerate(batch["meta"])]
         grid = captioned_grid(images, lines, self.tile)
         writer.add_image("samples", np.asarray(grid), trainer.global_step, dataformats="HWC")
         writer.add_text("samples", "\n\n".join(f"{i}: {line}" for i, line in enumerate(lines)), trainer.global_step)
+        if hasattr(pl_module, "reconstructions"):
+            masked, rebuilt = pl_module.reconstructions(batch)
+            triples = [im for trio in zip(images, denormalize(masked, mean, std), denormalize(rebuilt, mean, std))
+                       for im in trio]
+            labels = ["original", "masked input", "reconstruction"] * len(images)
+            grid = captioned_grid(triples, labels, self.tile, columns=6, text_height=16)
+            writer.add_image("reconstructions", np.asarray(grid), trainer.global_step, dataformats="HWC")
 
 
 def denormalize(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
@@ -59,9 +69,9 @@ def describe(meta: dict, output: str | None) -> str:
     return text + (f" | model: {output}" if output is not None else "")
 
 
-def captioned_grid(images: list[Image.Image], lines: list[str], tile: int, columns: int = 4) -> Image.Image:
+def captioned_grid(images: list[Image.Image], lines: list[str], tile: int, columns: int = 4,
+                   text_height: int = 80) -> Image.Image:
     """Images upscaled to `tile` pixels with their wrapped text beneath, laid out in a grid."""
-    text_height = 80
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * tile, rows * (tile + text_height)), "white")
     draw = ImageDraw.Draw(grid)

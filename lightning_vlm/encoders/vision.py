@@ -20,12 +20,15 @@ class VisionOutput:
     patch_tokens: (B, N, D) the same without the P prefix tokens.
     pooled: (B, D) timm's pooled pre-logits vector (cls token or average, as the backbone defines).
     extra_tokens: (B, K, D) outputs at the K appended learnable tokens (Llip's mixture tokens), or None.
+    patch_mask: (B, N) True where the patch embedding was replaced by the mask token (masked image modelling),
+        or None.
     """
 
     tokens: Tensor
     patch_tokens: Tensor
     pooled: Tensor
     extra_tokens: Tensor | None = None
+    patch_mask: Tensor | None = None
 
 
 @dataclass
@@ -46,7 +49,8 @@ class ConvStem:
 
 
 class VisionEncoder(nn.Module):
-    """A timm model without classifier; optionally ViT-style with K extra learnable tokens (Llip).
+    """A timm model without classifier; ViT-style ones optionally with K extra learnable tokens (Llip) and a
+    learnable mask token that replaces the embeddings of masked patches (masked image modelling: FLAVA, MaskVLM).
 
     `overrides` go to `timm.create_model` (img_size, patch_size, depth, embed_dim, num_heads, ...),
     so tiny test configs and pretrained backbones share one class. A `stem` makes a ViT hybrid: its tokens are the
@@ -63,6 +67,7 @@ class VisionEncoder(nn.Module):
         overrides: dict[str, Any] | None = None,
         stem: ConvStem | None = None,
         channels_last: bool | None = None,
+        mask_token: bool = False,
     ) -> None:
         super().__init__()
         kwargs = dict(overrides or {})
@@ -73,18 +78,29 @@ class VisionEncoder(nn.Module):
         self.channels_last = not hasattr(self.model, "patch_embed") if channels_last is None else channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.extra_tokens: nn.Parameter | None = None
-        if num_extra_tokens:
+        if num_extra_tokens or mask_token:
             missing = [a for a in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm")
                        if not hasattr(self.model, a)]
             if missing:
-                raise ValueError(f"num_extra_tokens needs a ViT-style timm model; {name!r} lacks {missing}")
-            self.extra_tokens = nn.Parameter(torch.randn(1, num_extra_tokens, self.width) * 0.02)
+                raise ValueError(f"extra and mask tokens need a ViT-style timm model; {name!r} lacks {missing}")
+        self.extra_tokens = nn.Parameter(torch.randn(1, num_extra_tokens, self.width) * 0.02) if num_extra_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width)) if mask_token else None
 
     @property
     def width(self) -> int:
         """Feature dimension D of tokens and pooled vector."""
         return self.model.num_features
+
+    @property
+    def patch_size(self) -> int:
+        """Side in pixels of the square patch behind each patch token (ViT-style models only)."""
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if patch_embed is None or not hasattr(patch_embed, "patch_size"):
+            raise ValueError("patch_size is defined for ViT-style models (a patch embedding) only")
+        height, width = patch_embed.patch_size
+        if height != width:
+            raise ValueError(f"non-square patches {patch_embed.patch_size} are not supported")
+        return height
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -95,30 +111,38 @@ class VisionEncoder(nn.Module):
             config["input_size"] = (config["input_size"][0], *img_size)
         return config
 
-    def forward(self, pixel_values: Tensor) -> VisionOutput:
-        """Encode (B, 3, H, W) images into tokens and a pooled vector; a frozen encoder (no parameter requires
-        grad) runs under `torch.no_grad`, so no activation is kept for a backward that cannot reach it."""
+    def forward(self, pixel_values: Tensor, patch_mask: Tensor | None = None) -> VisionOutput:
+        """Encode (B, 3, H, W) images into tokens and a pooled vector, the patches where the (B, N) bool
+        `patch_mask` is True replaced by the mask token. A frozen encoder (no parameter requires grad) runs under
+        `torch.no_grad`, so no activation is kept for a backward that cannot reach it."""
+        if patch_mask is not None and self.mask_token is None:
+            raise ValueError("a patch_mask needs VisionEncoder(mask_token=True)")
         if not any(p.requires_grad for p in self.parameters()):
             with torch.no_grad():
-                return self._encode(pixel_values)
-        return self._encode(pixel_values)
+                return self._encode(pixel_values, patch_mask)
+        return self._encode(pixel_values, patch_mask)
 
-    def _encode(self, pixel_values: Tensor) -> VisionOutput:
+    def _encode(self, pixel_values: Tensor, patch_mask: Tensor | None) -> VisionOutput:
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        if self.extra_tokens is None:
+        if self.extra_tokens is None and patch_mask is None:
             features, extra = self.model.forward_features(pixel_values), None
         else:
-            features, extra = self._forward_with_extra_tokens(pixel_values)
+            features, extra = self._forward_vit(pixel_values, patch_mask)
         pooled = self.model.forward_head(features, pre_logits=True)
         tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # CNN maps -> (B, HW, C)
-        return VisionOutput(tokens, tokens[:, self.num_prefix_tokens:], pooled, extra)
+        return VisionOutput(tokens, tokens[:, self.num_prefix_tokens:], pooled, extra, patch_mask)
 
-    def _forward_with_extra_tokens(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        """timm ViT's forward_features with the extra tokens appended after position embedding (they carry none)."""
+    def _forward_vit(self, pixel_values: Tensor, patch_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """timm ViT's forward_features, with masked patch embeddings replaced by the mask token before position
+        embedding (as BEiT and SimMIM do), and the extra tokens appended after it (they carry no position)."""
         m = self.model
-        x = m.patch_drop(m._pos_embed(m.patch_embed(pixel_values)))
-        x = torch.cat([x, self.extra_tokens.expand(x.shape[0], -1, -1)], dim=1)
+        x = m.patch_embed(pixel_values)
+        if patch_mask is not None:
+            x = torch.where(patch_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = m.patch_drop(m._pos_embed(x))
+        k = 0 if self.extra_tokens is None else self.extra_tokens.shape[1]
+        if k:
+            x = torch.cat([x, self.extra_tokens.expand(x.shape[0], -1, -1)], dim=1)
         x = m.norm(m.blocks(m.norm_pre(x)))
-        k = self.extra_tokens.shape[1]
-        return x[:, :-k], x[:, -k:]
+        return (x[:, :-k], x[:, -k:]) if k else (x, None)

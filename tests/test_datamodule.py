@@ -264,3 +264,15 @@ def test_system_prompt_precedes_every_generative_prompt_and_carries_no_labels(ti
         assert words.startswith(system.rstrip(".")), words  # plain layout: the system text opens the sequence
         expected = tok.encode(meta["target"], add_special_tokens=False) + [tok.eos_token_id]
         assert labels[labels != IGNORE_INDEX].tolist() == expected
+
+
+def test_train_fraction_reads_the_first_shards_only(tiny_benchmark):
+    manifest = json.loads((Path(tiny_benchmark) / "dataset.json").read_text())
+    first_two = [str(Path(tiny_benchmark) / shard) for shard in manifest["splits"]["train"][:2]]  # of 4
+    dm = ShardDataModule(root=tiny_benchmark, batch_size=8, shuffle_buffer=16)
+    expected = keys_of(make_loader(stream(dm, [ShardSource(first_two)], StreamConfig(batch_size=8)), 0))
+    half = ShardDataModule(root=tiny_benchmark, batch_size=8, shuffle_buffer=16, train_fraction=0.5)
+    assert sorted(keys_of(half.train_dataloader())) == sorted(expected) and len(expected) == 128
+    assert ShardSource(tiny_benchmark, split="train", fraction=0.3).num_samples() == 128  # ceil(0.3 * 4) shards
+    with pytest.raises(ValueError, match="fraction"):
+        ShardSource(tiny_benchmark, split="train", fraction=0.0).urls()

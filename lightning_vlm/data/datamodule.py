@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from lightning import LightningDataModule
@@ -43,6 +44,8 @@ class ShardDataModule(LightningDataModule):
         tokenizer: a tokenizer name or path; None takes the model's declared tokenizer, else ``root``'s.
         samples_per_epoch: training samples per rank per epoch (shards repeat); derived from the manifest
             under DDP so every rank runs the same number of steps.
+        train_fraction: train on the first share of every training source's shards (a fixed random subset:
+            see `ShardSource.fraction`), for data-efficiency studies under one step budget.
         image_mean / image_std: None takes the model's (its vision backbone's) statistics, else CLIP's.
         hard_negatives: hard-negative captions per contrastive training example, drawn from the json's swaps
             (NegCLIP); contrastive losses score them as extra negatives. Evaluation batches carry none.
@@ -76,6 +79,7 @@ class ShardDataModule(LightningDataModule):
         hard_negatives: int = 0,
         system_prompt: str = "",
         seed: int = 0,
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +107,7 @@ class ShardDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sources = as_sources(self.hparams.train, "train") or [ShardSource(self.hparams.root, split="train")]
+        sources = [replace(s, fraction=s.fraction * self.hparams.train_fraction) for s in sources]
         config = StreamConfig(
             batch_size=self.hparams.batch_size,
             shuffle_buffer=self.hparams.shuffle_buffer,

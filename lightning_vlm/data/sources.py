@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,28 +19,45 @@ class ShardSource:
 
     ``shards`` is a brace pattern (``data/cc/shard-{000000..000099}.tar``), a directory of ``*.tar``,
     a dataset root holding ``dataset.json`` (then ``split`` picks the sub-list), or a list of any of these.
+    ``fraction`` keeps the first ceil(fraction x n) of the n shards (data-efficiency studies); shards are
+    written in random order, so that is a random subset, and the same one in every run.
     """
 
     shards: str | list[str]
     weight: float = 1.0
     split: str | None = None
+    fraction: float = 1.0
 
     def urls(self) -> list[str]:
-        """The expanded, sorted-per-pattern list of shard paths."""
+        """The expanded, sorted-per-pattern list of shard paths (its first `fraction`)."""
+        urls = self._all_urls()
+        return urls[: self._kept(len(urls))]
+
+    def num_samples(self) -> int | None:
+        """Sample count from the manifest, when the source is a dataset root that has one (scaled by the share
+        of shards kept: the benchmark's shards are of equal size)."""
+        if not isinstance(self.shards, str):
+            return None
+        manifest = read_manifest(self.shards)
+        if manifest is None or self.split is None:
+            return None
+        count = manifest.get("counts", {}).get(self.split)
+        if count is None or self.fraction == 1.0:
+            return count
+        total = len(self._all_urls())
+        return count * self._kept(total) // total
+
+    def _all_urls(self) -> list[str]:
         patterns = [self.shards] if isinstance(self.shards, str) else list(self.shards)
         urls = [url for pattern in patterns for url in expand_shards(pattern, self.split)]
         if not urls:
             raise FileNotFoundError(f"no shards found for {self.shards!r} (split {self.split!r})")
         return urls
 
-    def num_samples(self) -> int | None:
-        """Sample count from the manifest, when the source is a dataset root that has one."""
-        if not isinstance(self.shards, str):
-            return None
-        manifest = read_manifest(self.shards)
-        if manifest is None or self.split is None:
-            return None
-        return manifest.get("counts", {}).get(self.split)
+    def _kept(self, total: int) -> int:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        return math.ceil(self.fraction * total)
 
 
 def read_manifest(root: str | Path) -> dict | None:

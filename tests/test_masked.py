@@ -15,7 +15,7 @@ from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses.masked import MaskedModelingLoss, masked_prediction_loss
 from lightning_vlm.models.flava import FLAVA
-from lightning_vlm.models.masked import PatchColourTokenizer
+from lightning_vlm.models.masked import MaskingConfig, PatchColourTokenizer
 from lightning_vlm.models.maskvlm import MaskVLM
 from lightning_vlm.models.masking import mask_tokens, patchify, pixel_targets, random_patch_mask, unpatchify
 from lightning_vlm.paradigms.masked import MaskedPretraining
@@ -219,3 +219,16 @@ def test_reconstruction_keeps_unmasked_patches(tiny_benchmark):
     assert torch.allclose(patchify(rebuilt, 16) * kept, patchify(images, 16) * kept, atol=1e-5)
     assert torch.equal(patchify(masked, 16)[patch_mask], torch.zeros(int(patch_mask.sum()), 16 * 16 * 3))
     assert not torch.allclose(patchify(rebuilt, 16)[patch_mask], patchify(images, 16)[patch_mask])
+
+
+def test_an_image_tokenizer_makes_mim_a_classification_of_codes(tiny_benchmark):
+    model = build("flava", tiny_benchmark, masking=MaskingConfig(image_tokenizer=PatchColourTokenizer(16)))
+    ids, attention = tokenize(model)
+    images = torch.randn(4, 3, 64, 64)
+    out = model(images, ids, attention)
+    mim = out.predictions["mim"]
+    assert mim.target.dtype == torch.long and mim.pred.shape == (4, 16, 64)
+    assert torch.equal(mim.target, PatchColourTokenizer(16)(images))
+    assert torch.isfinite(MaskedModelingLoss()(out).terms["mim"])
+    with pytest.raises(ValueError, match="pixel targets"):
+        model.reconstruct(images, ids, attention)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_vlm.encoders import TextEncoder, VisionEncoder
+from lightning_vlm.encoders import TextEncoder, TextOutput, VisionEncoder, VisionOutput
 from lightning_vlm.losses.contrastive import scale_logits, text_columns
 
 
@@ -111,9 +111,13 @@ class DualEncoder(nn.Module):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 negatives: HardNegatives | None = None) -> ContrastiveOutput:
         """Embed both modalities of a batch of pairs (and its hard-negative captions); the loss gathers across ranks."""
+        return self.embed(self.vision(pixel_values), self.text(input_ids, attention_mask), negatives)
+
+    def embed(self, image: VisionOutput, text: TextOutput, negatives: HardNegatives | None = None) -> ContrastiveOutput:
+        """The contrastive output of encoded images and captions (and the batch's hard negatives, encoded here)."""
         return ContrastiveOutput(
-            self.encode_images(pixel_values),
-            self.encode_texts(input_ids, attention_mask),
+            F.normalize(self.heads.image_proj(image.pooled), dim=-1),
+            self.heads.embed_text(text.pooled),
             self.heads.logit_scale,
             self.heads.logit_bias,
             None if negatives is None else negatives.encode(self.encode_texts),

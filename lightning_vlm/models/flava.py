@@ -13,15 +13,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
-from lightning_vlm.models.contrastive import ContrastiveOutput, DualEncoder, HardNegatives
+from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
     MaskedPrediction,
     Masking,
+    MaskingConfig,
     paste_reconstruction,
     prediction_head,
     transformer_layer_args,
@@ -65,14 +65,12 @@ class FLAVA(DualEncoder):
         multimodal_width: int | None = None,
         multimodal_depth: int = 2,
         num_heads: int = 4,
-        mask_ratio: float = 0.4,
-        text_mask_probability: float = 0.15,
+        masking: MaskingConfig | None = None,
         itm_negative_fraction: float = 0.5,
-        image_tokenizer: nn.Module | None = None,
         logit_scale_init: float = math.log(1 / 0.07),
     ) -> None:
         super().__init__(vision, text, embed_dim, logit_scale_init)
-        self.masking = Masking(vision, text, mask_ratio, text_mask_probability, image_tokenizer)
+        self.masking = Masking(vision, text, masking)
         width = multimodal_width or text.width
         self.multimodal = MultimodalEncoder(vision.width, text.width, width, multimodal_depth, num_heads)
         vocab, target = self.masking.vocab_size, self.masking.target_dim
@@ -84,12 +82,7 @@ class FLAVA(DualEncoder):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 negatives: HardNegatives | None = None) -> MaskedModelingOutput:
         image, text = self.vision(pixel_values), self.text(input_ids, attention_mask)
-        contrastive = ContrastiveOutput(
-            F.normalize(self.heads.image_proj(image.pooled), dim=-1), self.heads.embed_text(text.pooled),
-            self.heads.logit_scale, None,
-            None if negatives is None else negatives.encode(self.encode_texts),
-            None if negatives is None else negatives.valid,
-        )
+        contrastive = self.embed(image, text, negatives)
         masked = self.masking(self.vision, self.text, pixel_values, input_ids, attention_mask)
         target, patch_mask, mlm_labels = self.masking.image_target(pixel_values), masked.image.patch_mask, masked.mlm_labels
         partner, matched = self.matching_partners(input_ids)

@@ -72,29 +72,36 @@ class PatchColourTokenizer(nn.Module):
         return (digits * torch.tensor([self.levels**2, self.levels, 1], device=digits.device)).sum(-1)
 
 
+@dataclass
+class MaskingConfig:
+    """How a masked model masks: `mask_ratio` of each image's patches, BERT masking of `text_mask_probability`
+    of each caption's tokens, and the image target: `image_tokenizer`'s codes when given, else the patches'
+    normalised pixels (MAE)."""
+
+    mask_ratio: float = 0.4
+    text_mask_probability: float = 0.15
+    image_tokenizer: nn.Module | None = None
+
+
 class Masking(nn.Module):
-    """Masks a batch for masked modelling and gives the image target.
+    """Masks a batch for masked modelling (see `MaskingConfig`) and gives the image target: masked patches take
+    the vision encoder's mask token, masked tokens follow BERT."""
 
-    `mask_ratio` of each image's patches are replaced by the vision encoder's mask token; BERT masking takes
-    `text_mask_probability` of each caption's tokens. The image target is `image_tokenizer`'s codes when one is
-    given, else the patches' normalised pixels (MAE).
-    """
-
-    def __init__(self, vision: VisionEncoder, text: TextEncoder, mask_ratio: float = 0.4,
-                 text_mask_probability: float = 0.15, image_tokenizer: nn.Module | None = None) -> None:
+    def __init__(self, vision: VisionEncoder, text: TextEncoder, config: MaskingConfig | None = None) -> None:
         super().__init__()
+        config = config or MaskingConfig()
         if vision.mask_token is None:
             raise ValueError("masked image modelling needs VisionEncoder(mask_token=True)")
         tokenizer = text.tokenizer
         if tokenizer is None or tokenizer.mask_token_id is None:
             raise ValueError("masked language modelling needs a text encoder whose tokenizer has a mask token")
-        self.mask_ratio, self.text_mask_probability = mask_ratio, text_mask_probability
+        self.mask_ratio, self.text_mask_probability = config.mask_ratio, config.text_mask_probability
         self.patch_size = vision.patch_size
         self.mask_token_id, self.special_ids = tokenizer.mask_token_id, list(tokenizer.all_special_ids)
         self.vocab_size = text.model.config.vocab_size
-        self.image_tokenizer = image_tokenizer
-        if image_tokenizer is not None:
-            image_tokenizer.requires_grad_(False)
+        self.image_tokenizer = config.image_tokenizer
+        if self.image_tokenizer is not None:
+            self.image_tokenizer.requires_grad_(False)
 
     @property
     def target_dim(self) -> int:

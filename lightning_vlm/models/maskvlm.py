@@ -11,16 +11,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses.qformer import mine_hard_negatives
-from lightning_vlm.models.contrastive import ContrastiveOutput, DualEncoder, HardNegatives
+from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
     MaskedPrediction,
     Masking,
+    MaskingConfig,
     paste_reconstruction,
     prediction_head,
     transformer_layer_args,
@@ -55,13 +55,11 @@ class MaskVLM(DualEncoder):
         embed_dim: int = 128,
         cross_depth: int = 3,
         num_heads: int = 4,
-        mask_ratio: float = 0.4,
-        text_mask_probability: float = 0.15,
-        image_tokenizer: nn.Module | None = None,
+        masking: MaskingConfig | None = None,
         logit_scale_init: float = math.log(1 / 0.07),
     ) -> None:
         super().__init__(vision, text, embed_dim, logit_scale_init)
-        self.masking = Masking(vision, text, mask_ratio, text_mask_probability, image_tokenizer)
+        self.masking = Masking(vision, text, masking)
         self.image_cross = CrossModalityEncoder(vision.width, text.width, cross_depth, num_heads)
         self.text_cross = CrossModalityEncoder(text.width, vision.width, cross_depth, num_heads)
         self.mim_head = prediction_head(vision.width, self.masking.target_dim)
@@ -71,13 +69,7 @@ class MaskVLM(DualEncoder):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 negatives: HardNegatives | None = None) -> MaskedModelingOutput:
         image, text = self.vision(pixel_values), self.text(input_ids, attention_mask)
-        image_emb = F.normalize(self.heads.image_proj(image.pooled), dim=-1)
-        text_emb = self.heads.embed_text(text.pooled)
-        contrastive = ContrastiveOutput(
-            image_emb, text_emb, self.heads.logit_scale, None,
-            None if negatives is None else negatives.encode(self.encode_texts),
-            None if negatives is None else negatives.valid,
-        )
+        contrastive = self.embed(image, text, negatives)
         masked = self.masking(self.vision, self.text, pixel_values, input_ids, attention_mask)
         padding = attention_mask == 0
         image_given_text = self.image_cross(masked.image.tokens, text.tokens, other_padding=padding)
@@ -89,7 +81,7 @@ class MaskVLM(DualEncoder):
             "mlm": MaskedPrediction(self.mlm_head(text_given_image), labels, labels >= 0),
         }
         logits, itm_labels = self.matching(image.tokens, text.tokens, attention_mask, input_ids,
-                                           (image_emb @ text_emb.T).detach())
+                                           (contrastive.image_emb @ contrastive.text_emb.T).detach())
         return MaskedModelingOutput(contrastive, predictions, logits, itm_labels)
 
     def matching(self, image: Tensor, text: Tensor, attention_mask: Tensor, input_ids: Tensor,

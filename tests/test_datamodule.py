@@ -276,3 +276,42 @@ def test_train_fraction_reads_the_first_shards_only(tiny_benchmark):
     assert ShardSource(tiny_benchmark, split="train", fraction=0.3).num_samples() == 128  # ceil(0.3 * 4) shards
     with pytest.raises(ValueError, match="fraction"):
         ShardSource(tiny_benchmark, split="train", fraction=0.0).urls()
+
+
+@pytest.fixture
+def unimodal_shards(tmp_path) -> Path:
+    """images/: 16 images without captions; texts/: 16 captions without images."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "texts").mkdir()
+    _tar(tmp_path / "images" / "i.tar", [(f"i{k:02d}.jpg", _jpeg()) for k in range(16)])
+    _tar(tmp_path / "texts" / "t.tar", [(f"t{k:02d}.txt", f"a red square number {k}.".encode()) for k in range(16)])
+    return tmp_path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unimodal_sources_give_whole_batches_of_their_kind(tiny_benchmark, unimodal_shards, workers):
+    sources = [ShardSource(tiny_benchmark, split="train", weight=2.0),
+               ShardSource(str(unimodal_shards / "images"), modality="image"),
+               ShardSource(str(unimodal_shards / "texts"), modality="text")]
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1})
+    loader = make_loader(stream(dm, sources, StreamConfig(batch_size=4, samples_per_epoch=160)), workers)
+    batches = list(loader)
+    kinds = [b["modality"] for b in batches]
+    def source_of(key: str) -> str:  # keys: train-0000123, i07, t12
+        return "pair" if key.startswith("train-") else {"i": "image", "t": "text"}[key[0]]
+
+    for batch in batches:
+        assert {source_of(m["key"]) for m in batch["meta"]} == {batch["modality"]}
+        if batch["modality"] == "image":
+            assert {m["caption"] for m in batch["meta"]} == {""}
+        if batch["modality"] == "text":
+            assert not batch["pixel_values"].any()  # the stand-in image: zeros, the normalised mean
+    assert len(batches) == 40 and 0.3 < kinds.count("pair") / 40 < 0.75 and {"image", "text"} <= set(kinds)
+    # every rank draws the same sequence of kinds, so a step's ranks agree (the contrastive gather needs it)
+    other_rank = make_loader(stream(dm, sources, StreamConfig(batch_size=4, samples_per_epoch=160), 1, 2), workers)
+    assert [b["modality"] for b in other_rank] == kinds
+
+
+def test_a_source_with_an_unknown_modality_is_refused():
+    with pytest.raises(ValueError, match="modality"):
+        ShardSource("x", modality="audio")

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_vlm.callbacks.sample_logger import SampleImageLogger
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.datamodule import ShardDataModule
+from lightning_vlm.data.sources import ShardSource
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses.masked import MaskedModelingLoss, masked_prediction_loss
 from lightning_vlm.models.flava import FLAVA
@@ -232,3 +233,38 @@ def test_an_image_tokenizer_makes_mim_a_classification_of_codes(tiny_benchmark):
     assert torch.isfinite(MaskedModelingLoss()(out).terms["mim"])
     with pytest.raises(ValueError, match="pixel targets"):
         model.reconstruct(images, ids, attention)
+
+
+def test_unimodal_batches_train_only_their_encoder(tiny_benchmark):
+    model = build("flava", tiny_benchmark)
+    ids, attention = tokenize(model)
+    images = torch.randn(4, 3, 64, 64)
+    image_only = MaskedModelingLoss({"itm": 0.5})(model(images, ids, attention, modality="image"))
+    assert set(image_only.terms) == {"mim"}
+    image_only.total.backward()
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"vision", "mim_head"}
+    model.zero_grad(set_to_none=True)
+    text_only = MaskedModelingLoss()(model(images, ids, attention, modality="text"))
+    assert set(text_only.terms) == {"mlm"}
+    text_only.total.backward()
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None} == {"text", "mlm_head"}
+    with pytest.raises(ValueError, match="pairs"):
+        build("maskvlm", tiny_benchmark)(images, ids, attention, modality="image")
+
+
+def test_fit_mixes_unimodal_batches_with_pairs(tiny_benchmark, tmp_path):
+    paradigm = MaskedPretraining(build("flava", tiny_benchmark), MaskedModelingLoss(), lr=1e-3, warmup_steps=1)
+    seen = []
+    losses = paradigm._losses
+    paradigm._losses = lambda batch: seen.append(batch["modality"]) or losses(batch)
+    sources = [ShardSource(tiny_benchmark, split="train"),  # the other splits stand in for unimodal data
+               ShardSource(tiny_benchmark, split="val", modality="image"),
+               ShardSource(tiny_benchmark, split="test", modality="text")]
+    dm = ShardDataModule(root=tiny_benchmark, train=sources, tasks={"contrastive": 1}, batch_size=8,
+                         samples_per_epoch=160)
+    trainer = L.Trainer(max_steps=12, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(paradigm, dm)
+    assert trainer.global_step == 12 and set(seen) == {"pair", "image", "text"}
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -7,7 +7,8 @@ examples add ``negative_input_ids`` / ``negative_attention_mask`` / ``negative_v
 with a second text consumer that reads captions (BLIP-2's Q-Former) declares ``caption_tokenizer`` and
 batches add ``caption_input_ids`` / ``caption_attention_mask``;
 ``num_skipped`` / ``num_read_errors`` (bad data this batch's
-worker dropped since its previous batch, logged by `BadDataLogger`).
+worker dropped since its previous batch, logged by `BadDataLogger`); ``modality``: "pair", or "image" / "text" for
+a batch of a unimodal source (`ShardSource(modality=...)`, for FLAVA).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class ShardDataModule(LightningDataModule):
     Args:
         root: dataset root; the default synthetic benchmark is generated here when missing.
         train: shards for training instead of ``root``'s train split: a pattern, a directory, or a list of
-            `ShardSource` (``shards``, ``weight``, ``split``) mixed by weight.
+            `ShardSource` (``shards``, ``weight``, ``split``, ``modality``) mixed by weight: sample by sample
+            within a modality, batch by batch across modalities (image-only and text-only batches for FLAVA).
         val_splits / test_splits: splits of ``root`` evaluated, in order (each its own dataloader).
         tasks: task mixture for training, e.g. ``{caption: 1, vqa: 1}``; ``eval_tasks`` for evaluation.
         tokenizer: a tokenizer name or path; None takes the model's declared tokenizer, else ``root``'s.

@@ -107,17 +107,25 @@ def resampled(urls: list[str], consumer: Consumer, counter: BadDataCounter, seed
         yield from _tar_samples([rng.choice(urls)], counter)
 
 
-def decode(raw: dict, counter: BadDataCounter) -> RawSample | None:
-    """Decode image, caption and json; a sample missing one or with a corrupt image is skipped and counted."""
+def decode(raw: dict, counter: BadDataCounter, modality: str = "pair") -> RawSample | None:
+    """Decode image, caption and json; a sample missing what its `modality` needs (an image unless "text", a
+    caption unless "image") or with a corrupt image is skipped and counted. What a unimodal sample lacks is
+    stood in for: an empty caption, or a placeholder image (the stream zeroes its pixels) the model never reads."""
     key = raw.get("__key__", "?")
     try:
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-        if image_key is None or "txt" not in raw:
-            raise KeyError(f"missing {'image' if image_key is None else 'txt'} (has {sorted(raw)})")
-        with Image.open(io.BytesIO(raw[image_key])) as img:
-            image = img.convert("RGB")
+        if image_key is None and modality != "text":
+            raise KeyError(f"missing image (has {sorted(raw)})")
+        if "txt" not in raw and modality != "image":
+            raise KeyError(f"missing txt (has {sorted(raw)})")
+        if modality == "text":
+            image = Image.new("RGB", (1, 1), (127, 127, 127))
+        else:
+            with Image.open(io.BytesIO(raw[image_key])) as img:
+                image = img.convert("RGB")
+        caption = raw["txt"].decode("utf-8").strip() if modality != "image" else ""
         info = json.loads(raw["json"]) if "json" in raw else {}
-        return RawSample(key, image, raw["txt"].decode("utf-8").strip(), info)
+        return RawSample(key, image, caption, info)
     except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
         counter.skipped += 1
         log.warning("skipping sample %s from %s: %s", key, raw.get("__url__", "?"), exn)

@@ -11,6 +11,7 @@ from pathlib import Path
 import braceexpand
 
 MANIFEST = "dataset.json"
+MODALITIES = ("pair", "image", "text")
 
 
 @dataclass
@@ -20,13 +21,20 @@ class ShardSource:
     ``shards`` is a brace pattern (``data/cc/shard-{000000..000099}.tar``), a directory of ``*.tar``,
     a dataset root holding ``dataset.json`` (then ``split`` picks the sub-list), or a list of any of these.
     ``fraction`` keeps the first ceil(fraction x n) of the n shards (data-efficiency studies); shards are
-    written in random order, so that is a random subset, and the same one in every run.
+    written in random order, so that is a random subset, and the same one in every run. ``modality`` says what
+    its samples hold: "pair" (image and caption), "image" (the caption, if any, is ignored) or "text" (no image
+    needed); unimodal sources give whole batches of their kind (FLAVA's unimodal pretraining).
     """
 
     shards: str | list[str]
     weight: float = 1.0
     split: str | None = None
     fraction: float = 1.0
+    modality: str = "pair"
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
 
     def urls(self) -> list[str]:
         """The expanded, sorted-per-pattern list of shard paths (its first `fraction`)."""

@@ -2,6 +2,11 @@
 
 Batching happens inside the stream (the DataLoader gets ``batch_size=None``) so each worker knows exactly
 how many batches it owes: with `samples_per_epoch` set, every rank yields the same number of steps.
+
+Sources of one modality mix sample by sample; sources of different modalities (image-only, text-only, pairs)
+mix batch by batch, each batch tagged with its ``modality``. The batch-level draw is seeded by the epoch
+alone, so every rank and worker draws the same sequence and the ranks of a step agree on its modality (a
+contrastive loss gathers across ranks only on pairs).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class ShardStream(IterableDataset):
     ) -> None:
         self.urls = [source.urls() for source in sources]
         self.weights = [source.weight for source in sources]
+        self.modalities = [source.modality for source in sources]
         self.transform, self.formatter, self.collate, self.config = transform, formatter, collate, config
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -61,21 +67,33 @@ class ShardStream(IterableDataset):
         worker = get_worker_info()
         consumer = Consumer(self.rank, self.world_size, worker.id if worker else 0, worker.num_workers if worker else 1)
         seed = f"{self.config.seed}-{self.epoch}"  # fixed here: the generators below run lazily
-        rng = random.Random(f"{seed}-{consumer.index}")
         counter = BadDataCounter()
-        raw = self._mixed(consumer, counter, rng, seed)
-        if self.config.shuffle_buffer > 1:
-            raw = _shuffled(raw, self.config.shuffle_buffer, rng)
-        examples = (ex for ex in (self._prepare(r, counter, rng) for r in raw) if ex is not None)
-        batches = self._batched(examples, counter)
+        groups = {m: [i for i, mi in enumerate(self.modalities) if mi == m] for m in dict.fromkeys(self.modalities)}
+        pipelines = [self._modality_batches(m, sources, consumer, counter, seed) for m, sources in groups.items()]
+        weights = [sum(self.weights[i] for i in sources) for sources in groups.values()]
+        batches = pipelines[0] if len(pipelines) == 1 else _drawn(pipelines, weights, random.Random(seed))
         if self.config.samples_per_epoch is not None:
             batches = _take(batches, _share(len(self), consumer))
         return batches
 
-    def _mixed(self, consumer: Consumer, counter: BadDataCounter, rng: random.Random, seed: str) -> Iterator[dict]:
-        """Raw samples of all sources, drawn by weight while more than one source still has samples."""
-        streams = [self._read(urls, consumer, counter, seed) for urls in self.urls]
-        weights = list(self.weights)
+    def _modality_batches(self, modality: str, sources: list[int], consumer: Consumer, counter: BadDataCounter,
+                          seed: str) -> Iterator[dict]:
+        """Batches of the sources of one modality, mixed sample by sample and shuffled."""
+        suffix = "" if modality == "pair" else f"-{modality}"  # pairs keep the seed they had before unimodal data
+        rng = random.Random(f"{seed}-{consumer.index}{suffix}")
+        raw = self._mixed(sources, consumer, counter, rng, seed)
+        if self.config.shuffle_buffer > 1:
+            raw = _shuffled(raw, self.config.shuffle_buffer, rng)
+        examples = (ex for ex in (self._prepare(r, counter, rng, modality) for r in raw) if ex is not None)
+        for batch in self._batched(examples, counter):
+            batch["modality"] = modality
+            yield batch
+
+    def _mixed(self, sources: list[int], consumer: Consumer, counter: BadDataCounter, rng: random.Random,
+               seed: str) -> Iterator[dict]:
+        """Raw samples of the `sources`, drawn by weight while more than one source still has samples."""
+        streams = [self._read(self.urls[i], consumer, counter, seed) for i in sources]
+        weights = [self.weights[i] for i in sources]
         while streams:
             i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
             sample = next(streams[i], None)
@@ -91,11 +109,13 @@ class ShardStream(IterableDataset):
             return repeated(urls, consumer, counter, seed)
         return consumer_samples(urls, consumer, counter)
 
-    def _prepare(self, raw: dict, counter: BadDataCounter, rng: random.Random) -> Example | None:
-        sample: RawSample | None = decode(raw, counter)
+    def _prepare(self, raw: dict, counter: BadDataCounter, rng: random.Random, modality: str) -> Example | None:
+        sample: RawSample | None = decode(raw, counter, modality)
         if sample is None:
             return None
         pixels, sample, flipped = self.transform(sample, rng)
+        if modality == "text":
+            pixels = torch.zeros_like(pixels)  # no image: the normalised mean, whatever the model's statistics
         text = self.formatter(sample, self.transform.image_size, rng)
         meta = dict(sample.info, key=sample.key, caption=sample.caption, flipped=flipped, **text.extra)
         return Example(pixels, text, meta)
@@ -160,6 +180,18 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
         yield sample
     rng.shuffle(buffer)
     yield from buffer
+
+
+def _drawn(pipelines: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Batches drawn from `pipelines` by weight while more than one still has batches."""
+    pipelines, weights = list(pipelines), list(weights)
+    while pipelines:
+        i = rng.choices(range(len(pipelines)), weights)[0] if len(pipelines) > 1 else 0
+        batch = next(pipelines[i], None)
+        if batch is None:
+            del pipelines[i], weights[i]
+        else:
+            yield batch
 
 
 def _share(total: int, consumer: Consumer) -> int:

@@ -50,17 +50,19 @@ class MaskedModelingLoss(nn.Module):
         self.contrastive = contrastive if contrastive is not None else CLIPLoss()
 
     def forward(self, out: MaskedModelingOutput) -> LossOutput:
-        contrastive = self.contrastive(out.contrastive)
-        raw = {**contrastive.terms,
-               **{name: masked_prediction_loss(p.pred, p.target, p.mask) for name, p in out.predictions.items()},
-               "itm": matching_loss(out.itm_logits, out.itm_labels)}
+        raw = {name: masked_prediction_loss(p.pred, p.target, p.mask) for name, p in out.predictions.items()}
+        stats = masked_fractions(out.predictions)
+        if out.contrastive is not None:
+            contrastive = self.contrastive(out.contrastive)
+            raw, stats = {**contrastive.terms, **raw}, {**contrastive.stats, **stats}
+        if out.itm_logits is not None:
+            raw["itm"] = matching_loss(out.itm_logits, out.itm_labels)
+            stats["itm_accuracy"] = (out.itm_logits.argmax(-1) == out.itm_labels).float().mean().detach()
         unknown = sorted(set(self.weights) - set(raw))
-        if unknown:
+        if unknown and out.contrastive is not None:  # a pair batch has every term; a unimodal one only its own
             raise KeyError(f"loss weights name unknown terms {unknown}; this model's terms are {sorted(raw)}")
         terms = {name: self.weights.get(name, 1.0) * value for name, value in raw.items()
                  if self.weights.get(name, 1.0) != 0}
-        stats = {**contrastive.stats, **masked_fractions(out.predictions),
-                 "itm_accuracy": (out.itm_logits.argmax(-1) == out.itm_labels).float().mean().detach()}
         return LossOutput.from_terms(terms, stats)
 
 

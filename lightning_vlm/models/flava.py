@@ -80,7 +80,11 @@ class FLAVA(DualEncoder):
         self.itm_negative_fraction = itm_negative_fraction
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                negatives: HardNegatives | None = None) -> MaskedModelingOutput:
+                negatives: HardNegatives | None = None, modality: str = "pair") -> MaskedModelingOutput:
+        if modality == "image":
+            return self.image_only(pixel_values)
+        if modality == "text":
+            return self.text_only(input_ids, attention_mask)
         image, text = self.vision(pixel_values), self.text(input_ids, attention_mask)
         contrastive = self.embed(image, text, negatives)
         masked = self.masking(self.vision, self.text, pixel_values, input_ids, attention_mask)
@@ -98,7 +102,20 @@ class FLAVA(DualEncoder):
             "mmm_image": MaskedPrediction(self.mmm_image_head(fused_patches), target[partner],
                                           patch_mask[partner] & pairs),
         }
-        return MaskedModelingOutput(contrastive, predictions, self.itm_head(fused[:, 0]), matched.long())
+        return MaskedModelingOutput(predictions, contrastive, self.itm_head(fused[:, 0]), matched.long())
+
+    def image_only(self, pixel_values: Tensor) -> MaskedModelingOutput:
+        """An image-only batch trains the image encoder alone, by MIM (FLAVA's unimodal pretraining)."""
+        patch_mask = self.masking.patch_mask(pixel_values)
+        predicted = self.mim_head(self.vision(pixel_values, patch_mask).patch_tokens)
+        return MaskedModelingOutput(
+            {"mim": MaskedPrediction(predicted, self.masking.image_target(pixel_values), patch_mask)})
+
+    def text_only(self, input_ids: Tensor, attention_mask: Tensor) -> MaskedModelingOutput:
+        """A text-only batch trains the text encoder alone, by MLM."""
+        masked_ids, labels = self.masking.mask_text(input_ids, attention_mask)
+        predicted = self.mlm_head(self.text(masked_ids, attention_mask).tokens)
+        return MaskedModelingOutput({"mlm": MaskedPrediction(predicted, labels, labels >= 0)})
 
     def matching_partners(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Which image each caption is fused with, and whether the pair matches: a drawn share of the rows takes

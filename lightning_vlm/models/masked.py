@@ -26,13 +26,14 @@ class MaskedPrediction:
 
 @dataclass
 class MaskedModelingOutput:
-    """contrastive: the unmasked pair's embeddings (with hard negatives) for the global contrastive loss;
-    predictions: named masked predictions ("mlm", "mim", ...); itm_logits (N, 2) and itm_labels (N,) 0/1."""
+    """predictions: named masked predictions ("mlm", "mim", ...); contrastive: the unmasked pair's embeddings
+    (with hard negatives) for the global contrastive loss; itm_logits (N, 2) and itm_labels (N,) 0/1. A
+    unimodal batch has predictions only."""
 
-    contrastive: ContrastiveOutput
     predictions: dict[str, MaskedPrediction]
-    itm_logits: Tensor
-    itm_labels: Tensor
+    contrastive: ContrastiveOutput | None = None
+    itm_logits: Tensor | None = None
+    itm_labels: Tensor | None = None
 
 
 @dataclass

@@ -67,7 +67,10 @@ class MaskVLM(DualEncoder):
         self.itm_head = nn.Linear(text.width, 2)
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                negatives: HardNegatives | None = None) -> MaskedModelingOutput:
+                negatives: HardNegatives | None = None, modality: str = "pair") -> MaskedModelingOutput:
+        if modality != "pair":
+            raise ValueError(f"MaskVLM recovers each modality from the other: it trains on pairs, not {modality}-only "
+                             "batches (FLAVA takes those)")
         image, text = self.vision(pixel_values), self.text(input_ids, attention_mask)
         contrastive = self.embed(image, text, negatives)
         masked = self.masking(self.vision, self.text, pixel_values, input_ids, attention_mask)
@@ -82,7 +85,7 @@ class MaskVLM(DualEncoder):
         }
         logits, itm_labels = self.matching(image.tokens, text.tokens, attention_mask, input_ids,
                                            (contrastive.image_emb @ contrastive.text_emb.T).detach())
-        return MaskedModelingOutput(contrastive, predictions, logits, itm_labels)
+        return MaskedModelingOutput(predictions, contrastive, logits, itm_labels)
 
     def matching(self, image: Tensor, text: Tensor, attention_mask: Tensor, input_ids: Tensor,
                  similarity: Tensor) -> tuple[Tensor, Tensor]:

@@ -57,6 +57,9 @@ class Contrastive(VLMParadigm):
         return self.model.text.tokenizer
 
     def _losses(self, batch: dict) -> LossOutput:
+        if batch.get("modality", "pair") != "pair":
+            raise ValueError(f"a contrastive model trains on image-text pairs, not {batch['modality']}-only batches "
+                             "(a masked model, FLAVA, takes those)")
         negatives = HardNegatives.from_batch(batch)
         return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], negatives))
 

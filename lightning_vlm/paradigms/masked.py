@@ -8,12 +8,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_vlm.losses.output import LossOutput
+from lightning_vlm.models.contrastive import HardNegatives
 from lightning_vlm.paradigms.contrastive import Contrastive
 
 
 class MaskedPretraining(Contrastive):
-    """Trains a masked model (`FLAVA`, `MaskVLM`) as `Contrastive` trains a dual encoder, and shows what its masked
+    """Trains a masked model (`FLAVA`, `MaskVLM`) as `Contrastive` trains a dual encoder, on pair batches and, for
+    FLAVA, image-only or text-only batches (sources with ``modality: image | text``), and shows what its masked
     image modelling recovers: `SampleImageLogger` draws `reconstructions` beside the originals."""
+
+    def _losses(self, batch: dict) -> LossOutput:
+        negatives = HardNegatives.from_batch(batch)
+        return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], negatives,
+                                    modality=batch.get("modality", "pair")))
 
     @torch.no_grad()
     def reconstructions(self, batch: dict) -> tuple[Tensor, Tensor]:

@@ -88,7 +88,8 @@ class FLAVA(DualEncoder):
         image, text = self.vision(pixel_values), self.text(input_ids, attention_mask)
         contrastive = self.embed(image, text, negatives)
         masked = self.masking(self.vision, self.text, pixel_values, input_ids, attention_mask)
-        target, patch_mask, mlm_labels = self.masking.image_target(pixel_values), masked.image.patch_mask, masked.mlm_labels
+        target, patch_mask = self.masking.image_target(pixel_values), masked.image.patch_mask
+        mlm_labels = masked.mlm_labels
         partner, matched = self.matching_partners(input_ids)
         fused = self.multimodal(masked.image.tokens[partner], masked.text.tokens, attention_mask)
         prefix, num_image = self.vision.num_prefix_tokens, masked.image.tokens.shape[1]

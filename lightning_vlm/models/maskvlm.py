@@ -93,7 +93,8 @@ class MaskVLM(DualEncoder):
         each with a mined image (ALBEF's mining; a caption identical to the positive is never its negative)."""
         n = image.shape[0]
         same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
-        negative_text, negative_image = mine_hard_negatives(similarity, same_text), mine_hard_negatives(similarity.T, same_text)
+        negative_text = mine_hard_negatives(similarity, same_text)
+        negative_image = mine_hard_negatives(similarity.T, same_text)
         images = torch.cat([image, image, image[negative_image]])
         texts = torch.cat([text, text[negative_text], text])
         padding = torch.cat([attention_mask, attention_mask[negative_text], attention_mask]) == 0

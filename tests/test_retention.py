@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_vlm.adapters import MLP
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
@@ -69,7 +70,7 @@ def test_probe_scores_the_lms_own_answers(tiny_benchmark, monkeypatch):
 def _fit_llava(root: str, tmp_path, lm_frozen: bool) -> LanguageRetention:
     torch.manual_seed(0)
     model = LLaVA(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT),
-                  LanguageModel(tokenizer=root, config=TINY_LM), projection="mlp")
+                  LanguageModel(tokenizer=root, config=TINY_LM), MLP())
     if lm_frozen:
         model.language_model.requires_grad_(False)
     retention = LanguageRetention(questions=None, paragraphs=None)

@@ -1,5 +1,14 @@
-"""Adapters between image features and a text model, all (B, N, D_in) -> (B, M, D_out) (plain PyTorch)."""
+"""Adapters between image features and a text model, all (B, N, D_in) -> (B, M, D_out) (plain PyTorch).
 
+The `Adapter` ones are interchangeable by YAML wherever image tokens meet a language model (`LLaVA(adapter=...)`):
+identity, linear, MLP, Perceiver resampler, pixel shuffle, adaptive average pooling. The Q-Former is BLIP-2's.
+"""
+
+from lightning_vlm.adapters.base import Adapter
+from lightning_vlm.adapters.perceiver import PerceiverResampler
+from lightning_vlm.adapters.projection import MLP, Identity, Linear
 from lightning_vlm.adapters.qformer import QFormer, QFormerOutput, attention_mask
+from lightning_vlm.adapters.spatial import AveragePool, PixelShuffle
 
-__all__ = ["QFormer", "QFormerOutput", "attention_mask"]
+__all__ = ["MLP", "Adapter", "AveragePool", "Identity", "Linear", "PerceiverResampler", "PixelShuffle", "QFormer",
+           "QFormerOutput", "attention_mask"]

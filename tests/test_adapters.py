@@ -1,0 +1,72 @@
+"""Adapters: every one maps (B, N, D_in) to (B, M, D_out) with the M it declares, groups or pools the right
+neighbours, and is interchangeable inside LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_vlm.adapters import MLP, AveragePool, Identity, Linear, PerceiverResampler, PixelShuffle
+from lightning_vlm.encoders import VisionEncoder
+from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.models.llava import LLaVA
+
+TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
+TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "num_key_value_heads": 1}
+ADAPTERS = [Linear, MLP, lambda: PerceiverResampler(num_latents=5, num_heads=4), lambda: PixelShuffle(2),
+            lambda: AveragePool(3)]
+
+
+@pytest.mark.parametrize("make", ADAPTERS)
+def test_shapes_follow_the_declared_token_count(make):
+    adapter = make().build(32, 24)
+    out = adapter(torch.randn(2, 36, 32))
+    assert out.shape == (2, adapter.num_output_tokens(36), 24)
+
+
+def test_identity_needs_equal_widths_and_adapters_build_once():
+    tokens = torch.randn(2, 4, 8)
+    assert torch.equal(Identity().build(8, 8)(tokens), tokens)
+    with pytest.raises(ValueError, match="equal widths"):
+        Identity().build(8, 16)
+    with pytest.raises(RuntimeError, match="already built"):
+        Linear().build(8, 8).build(8, 8)
+    with pytest.raises(RuntimeError, match="before build"):
+        Linear()(tokens)
+
+
+def test_pixel_shuffle_concatenates_each_block_of_neighbours():
+    adapter = PixelShuffle(2).build(1, 4)
+    adapter.proj = nn.Identity()  # look at what the MLP would read
+    grid = torch.arange(16.0).view(1, 16, 1)  # a 4 x 4 grid, token value = its index
+    out = adapter(grid)
+    assert out[0, 0].tolist() == [0, 1, 4, 5] and out[0, 1].tolist() == [2, 3, 6, 7]
+    assert out[0, 3].tolist() == [10, 11, 14, 15]
+    with pytest.raises(ValueError, match="square grid"):
+        adapter(torch.randn(1, 17, 1))  # a [CLS] token left in
+
+
+def test_average_pool_averages_each_region():
+    adapter = AveragePool(2).build(1, 1)
+    adapter.proj = nn.Identity()
+    out = adapter(torch.arange(16.0).view(1, 16, 1))
+    assert out[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]  # mean of {0, 1, 4, 5}, {2, 3, 6, 7}, ...
+
+
+def test_resampler_reads_any_number_of_tokens_and_ignores_their_order():
+    torch.manual_seed(0)
+    adapter = PerceiverResampler(num_latents=3, depth=2, num_heads=2).build(8, 6).eval()
+    tokens = torch.randn(2, 10, 8)
+    out = adapter(tokens)
+    assert out.shape == (2, 3, 6) and adapter(torch.randn(2, 50, 8)).shape == (2, 3, 6)
+    assert torch.allclose(adapter(tokens[:, torch.randperm(10)]), out, atol=1e-5)  # no positions: a set reader
+
+
+@pytest.mark.parametrize("make", ADAPTERS)
+def test_llava_takes_any_adapter_by_its_widths(make, tiny_benchmark):
+    vision = VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT)
+    model = LLaVA(vision, LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM), make())
+    prompt = model.visual_prompt(torch.randn(2, 3, 64, 64))
+    assert prompt.shape == (2, model.projector.num_output_tokens(16), 32)  # 4 x 4 patches, [CLS] left out

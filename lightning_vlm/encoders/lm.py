@@ -95,14 +95,17 @@ class LanguageModel(nn.Module):
         loss, the one place where labels are shifted."""
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
-    def loss(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    def loss(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor,
+             position_ids: Tensor | None = None) -> Tensor:
         """The next-token loss of ``forward(..., labels=labels)``, with the output layer applied only where a label
         is: the decoder's hidden states at the labelled positions, not the logits of every position over the whole
         vocabulary (a fifth of SmolLM2-135M's compute; transformers' ``logits_to_keep`` keeps only a suffix).
-        Models that post-process their logits (Gemma's soft-capping) take transformers' own path."""
+        Models that post-process their logits (Gemma's soft-capping) take transformers' own path. `attention_mask`
+        is (B, L) padding or a prepared (B, 1, L, L) mask (a prefix-LM's); `position_ids` default to sequential."""
         if getattr(self.model.config, "final_logit_softcapping", None):
-            return self(inputs_embeds, attention_mask, labels).loss
-        hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+            return self(inputs_embeds, attention_mask, labels, position_ids=position_ids).loss
+        hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                          position_ids=position_ids).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])

@@ -1,0 +1,123 @@
+"""PaliGemma's prefix-LM (Beyer et al., 2024): the image tokens and the prompt form a prefix that attends to itself
+in both directions; the answer (the suffix) is decoded causally and alone carries the loss. The image tokens take
+either one position each (sequential) or one shared position for the whole image.
+
+Generation is written by hand (greedy or sampling, with transformers' logits warpers): transformers' `generate`
+builds causal masks for its prefill from a 2D mask, and a prepared 4D prefix mask cannot be passed through it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from lightning_vlm.adapters import Adapter
+from lightning_vlm.encoders import VisionEncoder
+from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.models.llava import LLaVA
+from lightning_vlm.models.visual_prompt import move_padding_left
+
+
+def prefix_attention_mask(padding: Tensor, prefix_end: Tensor, bidirectional: bool = True) -> Tensor:
+    """(B, L, L) bool, True where query q may attend key k: k is a real token (``padding`` 1) at or before q, or,
+    with `bidirectional`, q and k both lie in the prefix (positions below ``prefix_end``, (B,)). Every query sees
+    itself, so a padded row never attends to nothing."""
+    length = padding.shape[1]
+    index = torch.arange(length, device=padding.device)
+    allowed = (index[None, :] <= index[:, None]).unsqueeze(0)  # causal: key at or before query
+    if bidirectional:
+        in_prefix = index[None, :] < prefix_end[:, None]  # (B, L)
+        allowed = allowed | (in_prefix[:, :, None] & in_prefix[:, None, :])
+    allowed = allowed & padding.bool()[:, None, :]
+    return allowed | torch.eye(length, dtype=torch.bool, device=padding.device)
+
+
+def position_ids(padding: Tensor, is_image: Tensor, shared_image_position: bool) -> Tensor:
+    """(B, L) positions counting real tokens from 0 (padding repeats its neighbour's); with
+    `shared_image_position` every token of an image takes the position of its first."""
+    steps = padding.long()
+    if shared_image_position:
+        continues_image = is_image & torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
+        steps = steps.masked_fill(continues_image, 0)
+    return (steps.cumsum(dim=1) - 1).clamp_min(0)
+
+
+def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (B, L_q, L_k) bool mask as the (B, 1, L_q, L_k) additive float mask transformers' attention adds."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class PrefixLM(LLaVA):
+    """Image encoder -> adapter -> language model, as LLaVA, with PaliGemma's prefix-LM attention.
+
+    ``prefix_attention``: "bidirectional" (PaliGemma) or "causal" (then it trains as LLaVA does);
+    ``image_positions``: "sequential" or "shared" (one position id for all of an image's tokens).
+    """
+
+    def __init__(self, vision: VisionEncoder, language_model: LanguageModel, adapter: Adapter | None = None,
+                 prefix_attention: Literal["bidirectional", "causal"] = "bidirectional",
+                 image_positions: Literal["sequential", "shared"] = "sequential") -> None:
+        super().__init__(vision, language_model, adapter)
+        if prefix_attention not in ("bidirectional", "causal") or image_positions not in ("sequential", "shared"):
+            raise ValueError(f"prefix_attention must be bidirectional|causal and image_positions sequential|shared, "
+                             f"got {prefix_attention!r}, {image_positions!r}")
+        self.bidirectional = prefix_attention == "bidirectional"
+        self.shared_image_position = image_positions == "shared"
+
+    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Next-token loss on the labelled suffix; the prefix is the image and every text token before the first
+        label (the prompt)."""
+        embeds, padding, is_image = self._sequence(pixel_values, input_ids, attention_mask)
+        labels = torch.cat([labels.new_full((len(labels), embeds.shape[1] - labels.shape[1]), -100), labels], dim=1)
+        labelled = labels != -100
+        prefix_end = torch.where(labelled.any(1), labelled.float().argmax(1), padding.sum(1))
+        mask = prefix_attention_mask(padding, prefix_end, self.bidirectional)
+        return self.language_model.loss(embeds, additive(mask, embeds.dtype), labels,
+                                        position_ids(padding, is_image, self.shared_image_position))
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int = 24,
+                 num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+        """New token ids (B, <= max_new_tokens) continuing ``[image] prompt`` (left-padded prompts): the whole
+        input is the prefix; new tokens attend causally. Greedy, or sampling with temperature and top-p."""
+        if num_beams != 1:
+            raise ValueError("PrefixLM decodes greedily or by sampling; beam search is not supported")
+        lm, tok = self.language_model.model, self.language_model.tokenizer
+        embeds, padding, is_image = self._sequence(pixel_values, prompt_ids, prompt_mask)
+        order = torch.argsort(padding, dim=1, stable=True)  # left padding before the image, as move_padding_left
+        embeds, padding = move_padding_left(embeds, padding)
+        is_image = is_image.gather(1, order)
+        mask = prefix_attention_mask(padding, padding.new_full(padding.shape[:1], padding.shape[1]), self.bidirectional)
+        positions = position_ids(padding, is_image, self.shared_image_position)
+        out = lm(inputs_embeds=embeds, attention_mask=additive(mask, embeds.dtype), position_ids=positions,
+                 use_cache=True)
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+                                      if do_sample else [])
+        new, done = [], torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+        for _ in range(max_new_tokens):
+            scores = warpers(None, out.logits[:, -1].float())
+            token = (torch.multinomial(scores.softmax(-1), 1).squeeze(1) if do_sample else scores.argmax(-1))
+            token = token.masked_fill(done, tok.pad_token_id)
+            new.append(token)
+            done |= token == tok.eos_token_id
+            if done.all():
+                break
+            padding = torch.cat([padding, padding.new_ones(len(padding), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_mask = additive(padding.bool()[:, None, :], embeds.dtype)
+            out = lm(inputs_embeds=self.language_model.embed(token[:, None]), attention_mask=step_mask,
+                     position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+        return torch.stack(new, dim=1)
+
+    def _sequence(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        """[image tokens; text] embeddings, their padding mask and which positions are image tokens."""
+        image = self.visual_prompt(pixel_values)
+        embeds = torch.cat([image, self.language_model.embed(input_ids)], dim=1)
+        padding = torch.cat([attention_mask.new_ones(image.shape[:2]), attention_mask], dim=1)
+        is_image = torch.zeros(padding.shape, dtype=torch.bool, device=padding.device)
+        is_image[:, : image.shape[1]] = True
+        return embeds, padding, is_image

@@ -70,3 +70,13 @@ def test_llava_takes_any_adapter_by_its_widths(make, tiny_benchmark):
     model = LLaVA(vision, LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM), make())
     prompt = model.visual_prompt(torch.randn(2, 3, 64, 64))
     assert prompt.shape == (2, model.projector.num_output_tokens(16), 32)  # 4 x 4 patches, [CLS] left out
+
+
+def test_raw_patches_and_a_linear_adapter_make_fuyu(tiny_benchmark):
+    from lightning_vlm.encoders import RawPatches
+    from lightning_vlm.encoders.patches import patchify
+
+    model = LLaVA(RawPatches(patch_size=8), LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM), Linear())
+    images = torch.randn(2, 3, 64, 64)
+    assert model.projector.width_in == 8 * 8 * 3 and not list(model.vision.parameters())  # no image encoder
+    assert torch.equal(model.visual_prompt(images), model.projector.proj(patchify(images, 8)))

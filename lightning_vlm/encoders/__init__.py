@@ -2,5 +2,6 @@
 
 from lightning_vlm.encoders.text import TextEncoder, TextOutput
 from lightning_vlm.encoders.vision import ConvStem, VisionEncoder, VisionOutput
+from lightning_vlm.encoders.patches import RawPatches
 
-__all__ = ["ConvStem", "TextEncoder", "TextOutput", "VisionEncoder", "VisionOutput"]
+__all__ = ["ConvStem", "RawPatches", "TextEncoder", "TextOutput", "VisionEncoder", "VisionOutput"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_vlm.adapters import MLP, Adapter
-from lightning_vlm.encoders import VisionEncoder
+from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.visual_prompt import VisualPromptLM
 
@@ -21,7 +21,8 @@ class LLaVA(VisualPromptLM):
     """Image encoder -> adapter ("projector", built here for the two widths) -> language model, the adapted
     tokens prepended to the text."""
 
-    def __init__(self, vision: VisionEncoder, language_model: LanguageModel, adapter: Adapter | None = None) -> None:
+    def __init__(self, vision: VisionEncoder | RawPatches, language_model: LanguageModel,
+                 adapter: Adapter | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.language_model = language_model

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_vlm.encoders.patches import patchify
+
 IGNORE_INDEX = -100
 
 
@@ -45,25 +47,6 @@ def _choose(allowed: Tensor, count: Tensor, generator: torch.Generator | None) -
     noise = torch.rand(allowed.shape, device=allowed.device, generator=generator).masked_fill(~allowed, 2.0)
     rank = noise.argsort(dim=1).argsort(dim=1)
     return (rank < count.unsqueeze(1)) & allowed
-
-
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p * p * C), patches in the row-major order of a ViT's patch tokens."""
-    b, c, h, w = images.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return patches.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
-    """The inverse of `patchify`: (B, N, p * p * C) -> (B, C, H, W)."""
-    b, _, dim = patches.shape
-    p = patch_size
-    c = dim // (p * p)
-    images = patches.reshape(b, height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
-    return images.reshape(b, c, height, width)
 
 
 def pixel_targets(images: Tensor, patch_size: int, eps: float = 1e-6) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lightning_vlm.adapters import Adapter
-from lightning_vlm.encoders import VisionEncoder
+from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA
 from lightning_vlm.models.visual_prompt import move_padding_left
@@ -58,7 +58,8 @@ class PrefixLM(LLaVA):
     ``image_positions``: "sequential" or "shared" (one position id for all of an image's tokens).
     """
 
-    def __init__(self, vision: VisionEncoder, language_model: LanguageModel, adapter: Adapter | None = None,
+    def __init__(self, vision: VisionEncoder | RawPatches, language_model: LanguageModel,
+                 adapter: Adapter | None = None,
                  prefix_attention: Literal["bidirectional", "causal"] = "bidirectional",
                  image_positions: Literal["sequential", "shared"] = "sequential") -> None:
         super().__init__(vision, language_model, adapter)

@@ -80,3 +80,19 @@ def test_raw_patches_and_a_linear_adapter_make_fuyu(tiny_benchmark):
     images = torch.randn(2, 3, 64, 64)
     assert model.projector.width_in == 8 * 8 * 3 and not list(model.vision.parameters())  # no image encoder
     assert torch.equal(model.visual_prompt(images), model.projector.proj(patchify(images, 8)))
+
+
+def test_a_language_model_with_location_tokens_serves_the_grounding_task(tiny_benchmark):
+    from lightning_vlm.data.datamodule import ShardDataModule
+    from lightning_vlm.paradigms.generative import ImageToText
+
+    lm = LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM, location_bins=32)
+    assert "<loc_31>" in lm.tokenizer.get_vocab() and lm.model.get_input_embeddings().num_embeddings >= len(lm.tokenizer)
+    paradigm = ImageToText(LLaVA(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT), lm))
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"grounding": 1}, batch_size=4)
+    dm.trainer = type("T", (), {"lightning_module": paradigm, "global_rank": 0, "world_size": 1, "current_epoch": 0})()
+    batch = next(iter(dm.train_dataloader()))
+    answer = batch["input_ids"][batch["labels"] != -100]
+    assert any(t.startswith("<loc_") for t in lm.tokenizer.convert_ids_to_tokens(answer.tolist()))
+    assert torch.isfinite(paradigm.model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                                 batch["labels"]))

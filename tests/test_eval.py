@@ -271,3 +271,26 @@ def test_caption_templates_leave_the_attribute_open_and_fill_the_others():
     assert caption_templates("shape", objects) == ["a large blue {}.", "a large red {}.", "a small blue {}.",
                                                    "a small red {}."]
     assert caption_templates("color", objects)[0].format("green") == "a large green circle."
+
+
+def test_grounding_counts_boxes_with_iou_at_least_half():
+    from lightning_vlm.eval.grounding import box_iou, grounding_accuracy, tokens_to_box
+
+    assert tokens_to_box("<loc_02> <loc_03><loc_05><loc_07> trailing") == (2, 3, 6, 8)
+    assert tokens_to_box("<loc_02><loc_03>") is None and tokens_to_box("<loc_05><loc_03><loc_02><loc_07>") is None
+    assert box_iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(2 / 6)
+    target = "<loc_00><loc_00><loc_03><loc_03>"  # 4 x 4 bins
+    generated = ["<loc_00><loc_00><loc_03><loc_03>",  # exact: IoU 1
+                 "<loc_00><loc_00><loc_03><loc_02>",  # 16 vs 12 cells: IoU 0.75
+                 "<loc_02><loc_02><loc_05><loc_05>",  # 4 of 28 cells: IoU 1/7
+                 "a red circle"]  # no box
+    assert grounding_accuracy(generated, [target] * 4) == 0.5
+
+
+def test_generation_evaluator_reports_grounding():
+    from lightning_vlm.eval.generation import GenerationEvaluator
+
+    evaluator = GenerationEvaluator()
+    metas = [{"task": "grounding", "target": "<loc_00><loc_00><loc_03><loc_03>"}] * 2
+    evaluator.update(metas, ["<loc_00><loc_00><loc_03><loc_03>", "nothing"])
+    assert evaluator.compute("val") == {"val/grounding_iou50": 0.5}

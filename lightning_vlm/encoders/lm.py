@@ -13,6 +13,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
+from lightning_vlm.data.tasks import location_tokens
 from lightning_vlm.data.tokenizer import load_tokenizer
 from lightning_vlm.pretrained import load_pretrained
 
@@ -36,6 +37,8 @@ class LanguageModel(nn.Module):
     It declares its tokenizer (`tokenizer`, default `name_or_path`; a tokenizer.json or dataset root works too);
     a model built from config takes its vocabulary size and special token ids from it. `lora` (keys of
     peft's LoraConfig: r, lora_alpha, lora_dropout, target_modules) adds LoRA adapters at construction.
+    `location_bins` adds that many location tokens (``<loc_00>`` ...) to the tokenizer, and rows for them to the
+    embeddings, for the grounding task (the DataModule's ``loc_bins`` must match).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class LanguageModel(nn.Module):
         config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         lora: dict[str, Any] | None = None,
+        location_bins: int = 0,
     ) -> None:
         super().__init__()
         source = tokenizer or name_or_path
@@ -52,6 +56,8 @@ class LanguageModel(nn.Module):
         self.tokenizer = load_tokenizer(source)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if location_bins:
+            self.tokenizer.add_tokens(list(location_tokens(location_bins)))
         if name_or_path is not None:
             if config is not None:
                 raise ValueError("give either name_or_path or config, not both")

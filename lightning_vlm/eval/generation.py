@@ -1,4 +1,5 @@
-"""Evaluation of generated text for any model that writes captions and answers: CIDEr-D, BLEU-4, VQA accuracy.
+"""Evaluation of generated text for any model that writes captions and answers: CIDEr-D, BLEU-4, VQA accuracy,
+grounding accuracy (IoU >= 0.5).
 
 Every generative paradigm feeds it (meta, generated text) pairs; tasks come from the batch metas, so one eval
 split can mix captioning and question answering. Under DDP the pairs of all ranks are gathered first.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_vlm.eval.captioning import CIDErD, answer_accuracy, bleu4
+from lightning_vlm.eval.grounding import grounding_accuracy
 from lightning_vlm.losses.distributed import gather_objects
 
 
@@ -34,7 +36,7 @@ class GenerationEvaluator:
 
     def compute(self, split: str) -> dict[str, float]:
         """``{split}/cider_d``, ``{split}/bleu4`` over captions; ``{split}/vqa_{skill}`` and ``vqa_all`` over
-        questions; parts without samples are left out."""
+        questions; ``{split}/grounding_iou50`` over boxes; parts without samples are left out."""
         self._gather_ranks()
         metrics: dict[str, float] = {}
         captions = [r for r in self.records if r["task"] == "caption"]
@@ -48,6 +50,9 @@ class GenerationEvaluator:
             accuracy = answer_accuracy([r["generated"] for r in questions], [r["target"] for r in questions],
                                        [r["skill"] for r in questions])
             metrics.update({f"vqa_{skill}": value for skill, value in accuracy.items()})
+        boxes = [r for r in self.records if r["task"] == "grounding"]
+        if boxes:
+            metrics["grounding_iou50"] = grounding_accuracy([r["generated"] for r in boxes], [r["target"] for r in boxes])
         return {f"{split}/{name}": value for name, value in metrics.items()}
 
     def _gather_ranks(self) -> None:

@@ -10,7 +10,8 @@ from lightning_vlm.adapters import PerceiverResampler
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
-from lightning_vlm.models.flamingo import Flamingo, media_attention_mask
+from lightning_vlm.models.cross_attention import media_attention_mask
+from lightning_vlm.models.flamingo import Flamingo
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -46,7 +47,7 @@ def test_gates_at_zero_leave_the_language_model_unchanged(tiny_benchmark, vqa_ba
     lm = model.language_model
     text_only = lm.loss(lm.embed(ids), mask, labels)
     assert torch.equal(model.lm_loss(images, ids, mask, labels), text_only)
-    for block in model.cross_attention:
+    for block in model.cross_attention.blocks:
         block.attention_gate.data.fill_(0.5)
         block.feed_forward_gate.data.fill_(0.5)
     opened = model.lm_loss(images, ids, mask, labels)
@@ -66,14 +67,14 @@ def test_a_frozen_lm_trains_the_resampler_and_gates_only(tiny_benchmark, vqa_bat
 
 def test_generation_reads_the_image_also_under_beam_search(tiny_benchmark):
     model = build(tiny_benchmark).eval()
-    for block in model.cross_attention:
+    for block in model.cross_attention.blocks:
         block.attention_gate.data.fill_(1.0)
     tokenizer = model.language_model.tokenizer
     tokenizer.padding_side = "left"
     prompt = tokenizer(["what colour is the square?", "how many?"], return_tensors="pt", padding=True)
     out = model.generate(torch.randn(2, 3, 64, 64), prompt.input_ids, prompt.attention_mask, max_new_tokens=4,
                          num_beams=2)
-    assert out.shape[0] == 2 and model._media is None  # the image is released after decoding
+    assert out.shape[0] == 2 and model.cross_attention.media is None  # the image is released after decoding
 
 
 def test_flamingo_overfits_one_batch(tiny_benchmark, vqa_batch):

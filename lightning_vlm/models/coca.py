@@ -1,0 +1,119 @@
+"""CoCa (Yu et al., 2022): contrastive captioners. One text decoder is split in two: its first layers are a
+unimodal text model whose output at an appended [CLS] token is the caption's embedding; its last layers also
+cross-attend to the image (multimodal layers) and caption it. Attentional poolers read the image encoder's tokens:
+one query for the contrastive image embedding, `num_caption_queries` for the multimodal layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_vlm.encoders import VisionEncoder
+from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.losses.contrastive import scale_logits
+from lightning_vlm.models.contrastive import ContrastiveHeads, ContrastiveOutput
+from lightning_vlm.models.cross_attention import MediaCrossAttention
+from lightning_vlm.models.visual_prompt import VisualPromptLM
+
+
+class AttentionPooler(nn.Module):
+    """`num_queries` learned queries cross-attend to the image tokens (CoCa's attentional pooling)."""
+
+    def __init__(self, width_in: int, width: int, num_queries: int, num_heads: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        self.attention = nn.MultiheadAttention(width, num_heads, kdim=width_in, vdim=width_in, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, N, D_in) -> (B, num_queries, width)."""
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        return self.norm(self.attention(queries, tokens, tokens, need_weights=False)[0])
+
+
+@dataclass
+class CoCaOutput:
+    """contrastive: image and caption embeddings for the contrastive loss; caption: the captioning loss (the
+    next-token loss on the batch's labelled text, read through the multimodal layers)."""
+
+    contrastive: ContrastiveOutput
+    caption: Tensor
+
+
+class CoCa(VisualPromptLM):
+    """Image encoder + a language model whose first `unimodal_layers` layers (default: half) encode text alone and
+    whose remaining layers cross-attend to the pooled image. The language model may be pretrained (by name) or
+    built from a config; the dual-encoder API (`encode_images`, `encode_texts`, `similarity`) serves retrieval."""
+
+    def __init__(self, vision: VisionEncoder, language_model: LanguageModel, unimodal_layers: int | None = None,
+                 embed_dim: int = 128, num_caption_queries: int = 16, num_heads: int = 4,
+                 logit_scale_init: float = math.log(1 / 0.07)) -> None:
+        super().__init__()
+        self.vision, self.language_model = vision, language_model
+        num_layers = len(language_model.model.get_decoder().layers)
+        self.unimodal_layers = num_layers // 2 if unimodal_layers is None else unimodal_layers
+        if not 0 < self.unimodal_layers < num_layers:
+            raise ValueError(f"unimodal_layers must leave both parts a layer: 0 < {unimodal_layers} < {num_layers}")
+        width = language_model.width
+        self.contrastive_pooler = AttentionPooler(vision.width, width, 1, num_heads)
+        self.caption_pooler = AttentionPooler(vision.width, width, num_caption_queries, num_heads)
+        self.multimodal = MediaCrossAttention(language_model, range(self.unimodal_layers, num_layers), num_heads,
+                                              gated=False)
+        self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.heads = ContrastiveHeads(width, width, embed_dim, logit_scale_init)
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                caption_ids: Tensor, caption_mask: Tensor) -> CoCaOutput:
+        """Both objectives from one pass of the image encoder: the captions (``caption_ids``) for the contrastive
+        pair, the labelled text (captions and answers) for the captioning loss."""
+        image = self.vision(pixel_values).patch_tokens
+        contrastive = ContrastiveOutput(self._image_embedding(image), self.encode_texts(caption_ids, caption_mask),
+                                        self.heads.logit_scale, None)
+        with self.multimodal.conditioned_on(self.caption_pooler(image)):
+            caption = self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
+        return CoCaOutput(contrastive, caption)
+
+    def visual_prompt(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, num_caption_queries, D_lm): the pooled tokens the multimodal layers attend to."""
+        return self.caption_pooler(self.vision(pixel_values).patch_tokens)
+
+    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """The captioning loss alone."""
+        with self.multimodal.conditioned_on(self.visual_prompt(pixel_values)):
+            return self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, **generation) -> Tensor:
+        """New token ids continuing the left-padded prompts, the multimodal layers reading the image."""
+        with self.multimodal.conditioned_on(self.visual_prompt(pixel_values)):
+            return self.language_model.generate(self.language_model.embed(prompt_ids), prompt_mask, **generation)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, E) normalised, from the one-query pooler."""
+        return self._image_embedding(self.vision(pixel_values).patch_tokens)
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(N, L) -> (N, E) normalised: the unimodal layers' output at a [CLS] appended after the text (it sees
+        every real token under the causal mask); the multimodal layers run without image and are not read."""
+        embeds = torch.cat([self.language_model.embed(input_ids),
+                            self.cls_token.to(input_ids.device).expand(len(input_ids), 1, -1)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(len(attention_mask), 1)], dim=1)
+        hidden = self.language_model.model.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                                         output_hidden_states=True).hidden_states
+        return self.heads.embed_text(hidden[self.unimodal_layers][:, -1])
+
+    def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
+        """(N_img, N_txt) logits as the contrastive loss sees them."""
+        return scale_logits(image_repr @ text_repr.T, self.heads.logit_scale)
+
+    def _image_embedding(self, image_tokens: Tensor) -> Tensor:
+        return F.normalize(self.heads.image_proj(self.contrastive_pooler(image_tokens)[:, 0]), dim=-1)
+
+    def layer_groups(self) -> dict[str, nn.Module]:
+        """Named parts for staged freezing."""
+        return {name: child for name, child in self.named_children()}

@@ -93,14 +93,7 @@ class ShardStream(IterableDataset):
                seed: str) -> Iterator[dict]:
         """Raw samples of the `sources`, drawn by weight while more than one source still has samples."""
         streams = [self._read(self.urls[i], consumer, counter, seed) for i in sources]
-        weights = [self.weights[i] for i in sources]
-        while streams:
-            i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
-            sample = next(streams[i], None)
-            if sample is None:
-                del streams[i], weights[i]
-            else:
-                yield sample
+        return _drawn(streams, [self.weights[i] for i in sources], rng)
 
     def _read(self, urls: list[str], consumer: Consumer, counter: BadDataCounter, seed: str) -> Iterator[dict]:
         if self.config.resampled:
@@ -182,16 +175,16 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
-def _drawn(pipelines: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
-    """Batches drawn from `pipelines` by weight while more than one still has batches."""
-    pipelines, weights = list(pipelines), list(weights)
-    while pipelines:
-        i = rng.choices(range(len(pipelines)), weights)[0] if len(pipelines) > 1 else 0
-        batch = next(pipelines[i], None)
-        if batch is None:
-            del pipelines[i], weights[i]
+def _drawn(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Items (samples or batches) drawn from `streams` by weight while more than one still has items."""
+    streams, weights = list(streams), list(weights)
+    while streams:
+        i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+        item = next(streams[i], None)
+        if item is None:
+            del streams[i], weights[i]
         else:
-            yield batch
+            yield item
 
 
 def _share(total: int, consumer: Consumer) -> int:

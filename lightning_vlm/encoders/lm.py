@@ -112,11 +112,6 @@ class LanguageModel(nn.Module):
             return self(inputs_embeds, attention_mask, labels, position_ids=position_ids).loss
         hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                           position_ids=position_ids).last_hidden_state
-        return self.loss_from_hidden(hidden, labels)
-
-    def loss_from_hidden(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        """The next-token loss from the decoder's last hidden states (B, L, D): position t predicts label t + 1,
-        the output layer applied at labelled positions only."""
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])

@@ -17,8 +17,7 @@ from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.losses.contrastive import scale_logits
 from lightning_vlm.models.contrastive import ContrastiveHeads, ContrastiveOutput
-from lightning_vlm.models.cross_attention import MediaCrossAttention
-from lightning_vlm.models.visual_prompt import VisualPromptLM
+from lightning_vlm.models.cross_attention import CrossAttentionLM, MediaCrossAttention
 
 
 class AttentionPooler(nn.Module):
@@ -45,7 +44,7 @@ class CoCaOutput:
     caption: Tensor
 
 
-class CoCa(VisualPromptLM):
+class CoCa(CrossAttentionLM):
     """Image encoder + a language model whose first `unimodal_layers` layers (default: half) encode text alone and
     whose remaining layers cross-attend to the pooled image. The language model may be pretrained (by name) or
     built from a config; the dual-encoder API (`encode_images`, `encode_texts`, `similarity`) serves retrieval."""
@@ -62,8 +61,8 @@ class CoCa(VisualPromptLM):
         width = language_model.width
         self.contrastive_pooler = AttentionPooler(vision.width, width, 1, num_heads)
         self.caption_pooler = AttentionPooler(vision.width, width, num_caption_queries, num_heads)
-        self.multimodal = MediaCrossAttention(language_model, range(self.unimodal_layers, num_layers), num_heads,
-                                              gated=False)
+        self.cross_attention = MediaCrossAttention(language_model, range(self.unimodal_layers, num_layers),
+                                                   num_heads, gated=False)
         self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
         self.heads = ContrastiveHeads(width, width, embed_dim, logit_scale_init)
 
@@ -74,24 +73,13 @@ class CoCa(VisualPromptLM):
         image = self.vision(pixel_values).patch_tokens
         contrastive = ContrastiveOutput(self._image_embedding(image), self.encode_texts(caption_ids, caption_mask),
                                         self.heads.logit_scale, None)
-        with self.multimodal.conditioned_on(self.caption_pooler(image)):
+        with self.cross_attention.conditioned_on(self.caption_pooler(image)):
             caption = self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
         return CoCaOutput(contrastive, caption)
 
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, num_caption_queries, D_lm): the pooled tokens the multimodal layers attend to."""
         return self.caption_pooler(self.vision(pixel_values).patch_tokens)
-
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """The captioning loss alone."""
-        with self.multimodal.conditioned_on(self.visual_prompt(pixel_values)):
-            return self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
-
-    @torch.no_grad()
-    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, **generation) -> Tensor:
-        """New token ids continuing the left-padded prompts, the multimodal layers reading the image."""
-        with self.multimodal.conditioned_on(self.visual_prompt(pixel_values)):
-            return self.language_model.generate(self.language_model.embed(prompt_ids), prompt_mask, **generation)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, E) normalised, from the one-query pooler."""

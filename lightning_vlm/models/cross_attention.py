@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.models.visual_prompt import VisualPromptLM
 
 
 def media_attention_mask(text_image_index: Tensor, media_image_index: Tensor) -> Tensor:
@@ -92,3 +93,21 @@ class MediaCrossAttention(nn.Module):
             return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
         return before_layer
+
+
+class CrossAttentionLM(VisualPromptLM):
+    """A language model that reads the visual prompt through `cross_attention` (a `MediaCrossAttention`) rather
+    than as prefix tokens: the text alone is its input (Flamingo, CoCa's multimodal layers)."""
+
+    cross_attention: MediaCrossAttention
+
+    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Next-token loss on the labelled tokens of the text, which reads the image by cross-attention."""
+        with self.cross_attention.conditioned_on(self.visual_prompt(pixel_values)):
+            return self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, **generation) -> Tensor:
+        """New token ids continuing the left-padded prompts, every decoding step conditioned on the image."""
+        with self.cross_attention.conditioned_on(self.visual_prompt(pixel_values)):
+            return self.language_model.generate(self.language_model.embed(prompt_ids), prompt_mask, **generation)

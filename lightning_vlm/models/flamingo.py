@@ -8,17 +8,15 @@ image before it (`media_attention_mask`); with one image per sample ahead of the
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lightning_vlm.adapters import Adapter, PerceiverResampler
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
-from lightning_vlm.models.cross_attention import MediaCrossAttention
-from lightning_vlm.models.visual_prompt import VisualPromptLM
+from lightning_vlm.models.cross_attention import CrossAttentionLM, MediaCrossAttention
 
 
-class Flamingo(VisualPromptLM):
+class Flamingo(CrossAttentionLM):
     """Image encoder -> Perceiver resampler -> gated cross-attention into the LM every `every` layers."""
 
     def __init__(self, vision: VisionEncoder, language_model: LanguageModel, resampler: Adapter | None = None,
@@ -33,17 +31,6 @@ class Flamingo(VisualPromptLM):
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, M, D_lm): the resampled visual tokens the text attends to."""
         return self.resampler(self.vision(pixel_values).patch_tokens)
-
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Next-token loss on the labelled tokens of the text alone, which reads the image by cross-attention."""
-        with self.cross_attention.conditioned_on(self.visual_prompt(pixel_values)):
-            return self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
-
-    @torch.no_grad()
-    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, **generation) -> Tensor:
-        """New token ids continuing the left-padded prompts, every decoding step conditioned on the image."""
-        with self.cross_attention.conditioned_on(self.visual_prompt(pixel_values)):
-            return self.language_model.generate(self.language_model.embed(prompt_ids), prompt_mask, **generation)
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing."""

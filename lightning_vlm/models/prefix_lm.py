@@ -89,13 +89,11 @@ class PrefixLM(LLaVA):
             raise ValueError("PrefixLM decodes greedily or by sampling; beam search is not supported")
         lm, tok = self.language_model.model, self.language_model.tokenizer
         embeds, padding, is_image = self._sequence(pixel_values, prompt_ids, prompt_mask)
-        order = torch.argsort(padding, dim=1, stable=True)  # left padding before the image, as move_padding_left
-        embeds, padding = move_padding_left(embeds, padding)
-        is_image = is_image.gather(1, order)
+        embeds, padding, is_image = move_padding_left(embeds, padding, is_image)  # left padding before the image
         mask = prefix_attention_mask(padding, padding.new_full(padding.shape[:1], padding.shape[1]), self.bidirectional)
         positions = position_ids(padding, is_image, self.shared_image_position)
         out = lm(inputs_embeds=embeds, attention_mask=additive(mask, embeds.dtype), position_ids=positions,
-                 use_cache=True)
+                 use_cache=True, logits_to_keep=1)  # the prefill needs the last position's logits only
         warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
                                       if do_sample else [])
         new, done = [], torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)

@@ -43,7 +43,9 @@ class VisualPromptLM(nn.Module, ABC):
         return self.language_model.generate(embeds, mask, **generation)
 
 
-def move_padding_left(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Reorder each row so its padded positions come first, keeping the order of the real ones."""
+def move_padding_left(embeds: Tensor, mask: Tensor, *aligned: Tensor) -> tuple[Tensor, ...]:
+    """Reorder each row so its padded positions come first, keeping the order of the real ones; `aligned` (B, L)
+    tensors (which positions are image tokens, ...) are reordered alike."""
     order = torch.argsort(mask, dim=1, stable=True)  # zeros (padding) first
-    return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+    return (embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order),
+            *(tensor.gather(1, order) for tensor in aligned))

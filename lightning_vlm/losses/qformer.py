@@ -42,6 +42,13 @@ def mine_hard_negatives(similarity: Tensor, same: Tensor, generator: torch.Gener
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
+def mine_pair_negatives(similarity: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """For (B, B) local image->text similarities: a mined negative caption for each image and a mined negative
+    image for each caption, never one whose caption equals the positive (equal padded ids)."""
+    same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
+    return mine_hard_negatives(similarity, same_text), mine_hard_negatives(similarity.T, same_text)
+
+
 def itm_loss(logits: Tensor, num_positives: int) -> Tensor:
     """Binary cross-entropy (2-way softmax) over (positives then negatives) pair logits (N, 2)."""
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)

@@ -27,7 +27,7 @@ from lightning_vlm.losses.qformer import (
     itc_loss,
     itg_loss,
     itm_loss,
-    mine_hard_negatives,
+    mine_pair_negatives,
     query_text_similarity,
 )
 from lightning_vlm.models.visual_prompt import VisualPromptLM
@@ -111,9 +111,7 @@ class BLIP2(VisualPromptLM):
         """
         n, ids = image.shape[0], text.input_ids
         local = similarity[:, rank_offset(n):rank_offset(n) + n]
-        same_text = (ids[:, None, :] == ids[None, :, :]).all(-1)  # equal padded ids: the same caption
-        negative_text = mine_hard_negatives(local, same_text)
-        negative_image = mine_hard_negatives(local.T, same_text)
+        negative_text, negative_image = mine_pair_negatives(local, ids)
         images = torch.cat([image, image, image[negative_image]])
         texts = torch.cat([ids, ids[negative_text], ids])
         masks = torch.cat([text.attention_mask, text.attention_mask[negative_text], text.attention_mask])

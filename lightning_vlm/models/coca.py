@@ -73,9 +73,7 @@ class CoCa(CrossAttentionLM):
         image = self.vision(pixel_values).patch_tokens
         contrastive = ContrastiveOutput(self._image_embedding(image), self.encode_texts(caption_ids, caption_mask),
                                         self.heads.logit_scale, None)
-        with self.cross_attention.conditioned_on(self.caption_pooler(image)):
-            caption = self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
-        return CoCaOutput(contrastive, caption)
+        return CoCaOutput(contrastive, self.text_loss(self.caption_pooler(image), input_ids, attention_mask, labels))
 
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, num_caption_queries, D_lm): the pooled tokens the multimodal layers attend to."""
@@ -104,4 +102,4 @@ class CoCa(CrossAttentionLM):
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing."""
-        return {name: child for name, child in self.named_children()}
+        return dict(self.named_children())

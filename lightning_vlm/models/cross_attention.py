@@ -103,7 +103,11 @@ class CrossAttentionLM(VisualPromptLM):
 
     def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Next-token loss on the labelled tokens of the text, which reads the image by cross-attention."""
-        with self.cross_attention.conditioned_on(self.visual_prompt(pixel_values)):
+        return self.text_loss(self.visual_prompt(pixel_values), input_ids, attention_mask, labels)
+
+    def text_loss(self, media: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """`lm_loss` from visual tokens already made (B, M, D_lm)."""
+        with self.cross_attention.conditioned_on(media):
             return self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
 
     @torch.no_grad()

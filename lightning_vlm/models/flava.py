@@ -22,7 +22,6 @@ from lightning_vlm.models.masked import (
     MaskedPrediction,
     Masking,
     MaskingConfig,
-    paste_reconstruction,
     prediction_head,
     transformer_layer_args,
 )
@@ -131,11 +130,9 @@ class FLAVA(DualEncoder):
 
     def reconstruct(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """The masked images and the image encoder's (unimodal MIM) reconstruction of them; pixel targets only."""
-        if self.masking.image_tokenizer is not None:
-            raise ValueError("reconstructions are drawn for pixel targets only, not image-tokenizer codes")
         patch_mask = self.masking.patch_mask(pixel_values)
         predicted = self.mim_head(self.vision(pixel_values, patch_mask).patch_tokens)
-        return paste_reconstruction(pixel_values, predicted, patch_mask, self.masking.patch_size)
+        return self.masking.reconstruction(pixel_values, predicted, patch_mask)
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing: the encoders, the multimodal encoder, and each head."""

@@ -128,6 +128,13 @@ class Masking(nn.Module):
         return mask_tokens(input_ids, attention_mask, self.special_ids, self.mask_token_id, self.vocab_size,
                            self.text_mask_probability)
 
+    def reconstruction(self, pixel_values: Tensor, predicted: Tensor, patch_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The masked images and the reconstruction from predicted normalised patches (`paste_reconstruction`);
+        drawn for pixel targets only."""
+        if self.image_tokenizer is not None:
+            raise ValueError("reconstructions are drawn for pixel targets only, not image-tokenizer codes")
+        return paste_reconstruction(pixel_values, predicted, patch_mask, self.patch_size)
+
     def image_target(self, pixel_values: Tensor) -> Tensor:
         """(B, N) codes or (B, N, p * p * 3) normalised pixels of every patch."""
         if self.image_tokenizer is not None:

@@ -14,14 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
-from lightning_vlm.losses.qformer import mine_hard_negatives
+from lightning_vlm.losses.qformer import mine_pair_negatives
 from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
     MaskedPrediction,
     Masking,
     MaskingConfig,
-    paste_reconstruction,
     prediction_head,
     transformer_layer_args,
 )
@@ -92,9 +91,7 @@ class MaskVLM(DualEncoder):
         """ITM logits and labels over B positives, B images each with a mined hard-negative caption and B captions
         each with a mined image (ALBEF's mining; a caption identical to the positive is never its negative)."""
         n = image.shape[0]
-        same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
-        negative_text = mine_hard_negatives(similarity, same_text)
-        negative_image = mine_hard_negatives(similarity.T, same_text)
+        negative_text, negative_image = mine_pair_negatives(similarity, input_ids)
         images = torch.cat([image, image, image[negative_image]])
         texts = torch.cat([text, text[negative_text], text])
         padding = torch.cat([attention_mask, attention_mask[negative_text], attention_mask]) == 0
@@ -108,14 +105,12 @@ class MaskVLM(DualEncoder):
 
     def reconstruct(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """The masked images and their reconstruction conditioned on the unmasked captions; pixel targets only."""
-        if self.masking.image_tokenizer is not None:
-            raise ValueError("reconstructions are drawn for pixel targets only, not image-tokenizer codes")
         patch_mask = self.masking.patch_mask(pixel_values)
         text = self.text(input_ids, attention_mask)
         tokens = self.image_cross(self.vision(pixel_values, patch_mask).tokens, text.tokens,
                                   other_padding=attention_mask == 0)
         predicted = self.mim_head(tokens[:, self.vision.num_prefix_tokens:])
-        return paste_reconstruction(pixel_values, predicted, patch_mask, self.masking.patch_size)
+        return self.masking.reconstruction(pixel_values, predicted, patch_mask)
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing: the encoders, the cross-modality encoders, and each head."""

@@ -59,14 +59,15 @@ def test_coca_overfits_one_batch(tiny_benchmark):
     paradigm = CoCaParadigm(model)
     batch = batch_of(paradigm, tiny_benchmark, {"caption": 1})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = paradigm.losses(batch).terms
-    for _ in range(80):
+    first, last = paradigm.losses(batch).terms, []
+    for _ in range(120):
         losses = paradigm.losses(batch)
         optimizer.zero_grad()
         losses.total.backward()
         optimizer.step()
-    assert losses.terms["caption"] < 0.7 * first["caption"] and losses.terms["itc"] < 0.5 * first["itc"], (
-        {k: v.item() for k, v in first.items()}, {k: v.item() for k, v in losses.terms.items()})
+        last = [*last[-9:], {k: v.item() for k, v in losses.terms.items()}]
+    late = {k: sum(step[k] for step in last) / len(last) for k in first}  # ITC on 8 pairs is noisy: average
+    assert late["caption"] < 0.7 * first["caption"] and late["itc"] < 0.5 * first["itc"], (first, late)
 
 
 def test_fit_logs_retrieval_and_generation(tiny_benchmark, tmp_path):

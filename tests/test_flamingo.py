@@ -74,7 +74,7 @@ def test_generation_reads_the_image_also_under_beam_search(tiny_benchmark):
     prompt = tokenizer(["what colour is the square?", "how many?"], return_tensors="pt", padding=True)
     out = model.generate(torch.randn(2, 3, 64, 64), prompt.input_ids, prompt.attention_mask, max_new_tokens=4,
                          num_beams=2)
-    assert out.shape[0] == 2 and model.cross_attention.media is None  # the image is released after decoding
+    assert out.shape[0] == 2 and model.cross_attention._condition is None  # the image is released after decoding
 
 
 def test_flamingo_overfits_one_batch(tiny_benchmark, vqa_batch):

@@ -35,10 +35,10 @@ def test_prefix_mask_is_bidirectional_over_the_prefix_and_causal_after_it():
 
 
 def test_position_ids_sequential_or_one_per_image():
-    padding = torch.tensor([[0, 1, 1, 1, 1, 1]])  # left-padded
-    is_image = torch.tensor([[False, True, True, True, False, False]])
-    assert position_ids(padding, is_image, False).tolist() == [[0, 0, 1, 2, 3, 4]]
-    assert position_ids(padding, is_image, True).tolist() == [[0, 0, 0, 0, 1, 2]]
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]])  # left-padded; two images of two tokens, text between
+    image_slot = torch.tensor([[-1, 0, 1, -1, 0, 1, -1, -1]])
+    assert position_ids(padding, image_slot, False).tolist() == [[0, 0, 1, 2, 3, 4, 5, 6]]
+    assert position_ids(padding, image_slot, True).tolist() == [[0, 0, 0, 1, 2, 2, 3, 4]]
 
 
 def build(cls, tokenizer: str, **kwargs):

@@ -25,14 +25,15 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def chat_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[tuple[str, str]],
-             system: str | None = None) -> tuple[list[int], list[int]]:
+def chat_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[tuple[str, str]], system: str | None = None,
+             supervised: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """(ids, labels) of a chat of (user, assistant) turns: labels equal the ids on each assistant reply up to
-    and including its end-of-turn token (the EOS), and -100 everywhere else (system, user turns, role headers)."""
+    and including its end-of-turn token (the EOS), and -100 everywhere else (system, user turns, role headers).
+    ``supervised``: which replies carry labels (default all; few-shot demonstrations do not)."""
     messages = [{"role": "system", "content": system}] if system else []
     ids: list[int] = []
     labels: list[int] = []
-    for user, assistant in turns:
+    for (user, assistant), labelled in zip(turns, supervised or [True] * len(turns)):
         messages.append({"role": "user", "content": user})
         prefix = render(tokenizer, messages, generation_prompt=True)
         messages.append({"role": "assistant", "content": assistant})
@@ -42,7 +43,8 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[tuple[str, str]
                              "its continuation, so replies cannot be located")
         reply = full[len(prefix):]
         end = reply.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in reply else len(reply)
-        labels += [IGNORE_INDEX] * (len(prefix) - len(ids)) + reply[:end] + [IGNORE_INDEX] * (len(reply) - end)
+        answer = reply[:end] if labelled else [IGNORE_INDEX] * end
+        labels += [IGNORE_INDEX] * (len(prefix) - len(ids)) + answer + [IGNORE_INDEX] * (len(reply) - end)
         ids = full
     return ids, labels
 

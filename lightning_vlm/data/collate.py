@@ -1,10 +1,16 @@
 """Tokenise formatted examples and collate them into the batch dict every paradigm consumes.
 
-Text layout: ``[BOS] system prompt target [EOS]`` (``[CLS] ... [SEP]`` for tokenizers without BOS/EOS, as BERT);
-a tokenizer with a chat template (a chat LM's) renders system, user prompt and assistant target through it
-instead, with labels on the reply and its end-of-turn token only (data/chat.py).
-Labels are an unshifted copy of the ids on ``target [EOS]`` and -100 elsewhere; the causal shift happens
-in exactly one place, the LM loss. Contrastive examples carry no labels at all; their hard-negative captions,
+Text layout: ``[BOS] system prompt target [EOS]`` (``[CLS] ... [SEP]`` for tokenizers without BOS/EOS, as BERT),
+a multi-turn example continuing ``prompt2 target2 [EOS] ...``; a tokenizer with a chat template (a chat LM's)
+renders system, user prompts and assistant replies through it instead, with labels on the replies and their
+end-of-turn tokens only (data/chat.py). Labels are an unshifted copy of the ids on every supervised
+``reply [EOS]`` and -100 elsewhere; the causal shift happens in exactly one place, the LM loss.
+
+With an ``image_token`` (the LM's placeholder, for models that place images in the text) the image is written
+into the text as that token, before the first prompt (``<image>\nwhat colour is the square?``), and the batch
+says which image each placeholder shows: ``image_index`` (B, K), batch rows, -1 padded. A few-shot example
+shows ``shots`` other images of its batch first, each with its demonstration question and answer (unlabelled),
+then its own image and question; every other example shows its own image once. Contrastive examples carry no labels at all; their hard-negative captions,
 when drawn, come as ``negative_input_ids`` / ``negative_attention_mask`` (B * k, L), example by example, with
 ``negative_valid`` (B * k,) False where an example had fewer than k. With a ``caption_tokenizer`` (a second
 text consumer, e.g. BLIP-2's Q-Former beside its LM), every example's caption is also tokenised by it, laid out
@@ -14,7 +20,7 @@ as a contrastive text: ``caption_input_ids`` / ``caption_attention_mask``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -41,6 +47,8 @@ class Collator:
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 64
     caption_tokenizer: PreTrainedTokenizerBase | None = None
+    image_token: str | None = None
+    shots: int = 2
 
     def __post_init__(self) -> None:
         self._captions = Collator(self.caption_tokenizer, self.max_length) if self.caption_tokenizer else None
@@ -50,19 +58,24 @@ class Collator:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.end_id
         if None in (self.start_id, self.end_id, self.pad_id):
             raise ValueError(f"tokenizer {tok.name_or_path!r} needs BOS or CLS, EOS or SEP, and a pad token")
+        if self.image_token is not None and self.image_token not in tok.get_vocab():
+            raise ValueError(f"the image placeholder {self.image_token!r} is not in the tokenizer's vocabulary")
 
     def __call__(self, examples: list[Example], num_skipped: int = 0, num_read_errors: int = 0) -> dict:
-        input_ids, attention_mask, labels = self._pad([self.encode(ex.text) for ex in examples])
+        texts, image_index = self._with_demonstrations([ex.text for ex in examples])
+        input_ids, attention_mask, labels = self._pad([self.encode(text) for text in texts])
         batch = {
             "pixel_values": torch.stack([ex.pixel_values for ex in examples]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "meta": [dict(ex.meta, task=ex.text.task, prompt=ex.text.prompt, target=ex.text.target,
-                          system=ex.text.system) for ex in examples],
+            "meta": [dict(ex.meta, task=text.task, prompt=text.prompt, target=text.target, system=text.system,
+                          history=text.history) for ex, text in zip(examples, texts)],
             "num_skipped": num_skipped,
             "num_read_errors": num_read_errors,
         }
+        if self.image_token is not None:
+            batch["image_index"] = pad_index(image_index)
         negatives = [text for ex in examples for text in ex.text.negatives]
         if negatives:
             batch["negative_input_ids"], batch["negative_attention_mask"] = self.tokenize([t or "" for t in negatives])
@@ -71,6 +84,17 @@ class Collator:
             captions = [ex.meta["caption"] for ex in examples]
             batch["caption_input_ids"], batch["caption_attention_mask"] = self._captions.tokenize(captions)
         return batch
+
+    def _with_demonstrations(self, texts: list[TextExample]) -> tuple[list[TextExample], list[list[int]]]:
+        """Few-shot examples take the demonstrations of the next ``shots`` rows (cyclically) as earlier turns;
+        returns the texts and the batch rows of the images each one shows, in order."""
+        image_index = [[row] for row in range(len(texts))]
+        for row, text in enumerate(texts):
+            if text.task == "fewshot":
+                others = [(row + step) % len(texts) for step in range(1, min(self.shots, len(texts) - 1) + 1)]
+                texts[row] = replace(text, history=[texts[other].demonstration for other in others])
+                image_index[row] = others + [row]
+        return texts, image_index
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of plain texts laid out as contrastive examples (for evaluation prompts)."""
@@ -81,15 +105,40 @@ class Collator:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of ``[BOS] system prompt`` (or the chat up to the assistant's turn),
         LEFT-padded: the layout generation continues from. ``history``: (user, assistant) turns before each
-        prompt, e.g. few-shot demonstrations."""
-        if has_chat_template(self.tokenizer):
-            rows = [generation_prompt_ids(self.tokenizer, p, system or None, history) for p in prompts]
-        else:
-            before = [system, *(f"{user} {reply}" for user, reply in history)]
-            rows = [[self.start_id] + self.tokenizer.encode(" ".join(filter(None, [*before, p])),
-                                                            add_special_tokens=False) for p in prompts]
+        prompt, e.g. few-shot demonstrations in text."""
+        return self.generation_inputs([TextExample("vqa", p, "", system=system, history=list(history))
+                                       for p in prompts])
+
+    def generation_inputs(self, texts: list[TextExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The left-padded (input_ids, attention_mask) generation continues from, for each text's last prompt
+        after its earlier turns (a chat's, a few-shot example's demonstrations); targets are not read."""
+        rows = []
+        for text in texts:
+            turns, _ = self.dialogue(text)
+            (*earlier, (prompt, _)) = turns
+            if has_chat_template(self.tokenizer):
+                rows.append(generation_prompt_ids(self.tokenizer, prompt, text.system or None, earlier))
+            else:
+                rows.append(self._plain_ids([*earlier, (prompt, None)], [False] * len(turns), text.system)[0])
         input_ids, attention_mask, _ = self._pad([(ids, []) for ids in rows], left=True)
         return input_ids, attention_mask
+
+    def dialogue(self, text: TextExample) -> tuple[list[tuple[str, str]], list[bool]]:
+        """The example's (user, reply) turns with its image placeholders written in, and which replies carry
+        labels: every reply of a chat, the last of a few-shot example, none of a contrastive caption."""
+        if text.task == "contrastive":
+            return [("", text.target)], [False]
+        turns = [*text.history, (text.prompt, text.target)]
+        fewshot = text.task == "fewshot"
+        turns = [(self._show_image(user) if fewshot or turn == 0 else user, reply)
+                 for turn, (user, reply) in enumerate(turns)]
+        return turns, [not fewshot or turn == len(turns) - 1 for turn in range(len(turns))]
+
+    def _show_image(self, prompt: str) -> str:
+        """The prompt with the image placeholder before it (unless it already places one itself)."""
+        if self.image_token is None or self.image_token in prompt:
+            return prompt
+        return f"{self.image_token}\n{prompt}" if prompt else self.image_token
 
     def _pad(self, rows: list[tuple[list[int], list[int]]], left: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,12 +158,35 @@ class Collator:
     def encode(self, text: TextExample) -> tuple[list[int], list[int]]:
         """Token ids and labels of one example, truncated to `max_length` (the end token is kept; a chat is cut
         at `max_length`)."""
+        turns, supervised = self.dialogue(text)
         if text.task != "contrastive" and has_chat_template(self.tokenizer):
-            ids, labels = chat_ids(self.tokenizer, [(text.prompt, text.target)], text.system or None)
+            ids, labels = chat_ids(self.tokenizer, turns, text.system or None, supervised)
             return ids[: self.max_length], labels[: self.max_length]
-        words = " ".join(filter(None, [text.system, text.prompt]))
-        prompt = self.tokenizer.encode(words, add_special_tokens=False) if words else []
-        target = self.tokenizer.encode(text.target, add_special_tokens=False)
-        ids = ([self.start_id] + prompt + target)[: self.max_length - 1] + [self.end_id]
-        supervised = max(0, len(ids) - 1 - len(prompt)) if text.task != "contrastive" else 0  # target + end
-        return ids, [IGNORE_INDEX] * (len(ids) - supervised) + ids[len(ids) - supervised :]
+        ids, labels = self._plain_ids(turns, supervised, text.system)
+        if len(ids) > self.max_length:  # keep the end token, labelled if it replaces a labelled token
+            cut = self.max_length - 1
+            ids, labels = ids[:cut] + [self.end_id], labels[:cut] + [self.end_id if labels[cut] != IGNORE_INDEX
+                                                                     else IGNORE_INDEX]
+        return ids, labels
+
+    def _plain_ids(self, turns: Sequence[tuple[str, str | None]], supervised: Sequence[bool], system: str = ""
+                   ) -> tuple[list[int], list[int]]:
+        """``[BOS] system user reply [EOS] user reply [EOS] ...`` without a chat template; a final reply of None
+        ends the ids after its user text (a generation prompt)."""
+        ids, labels = [self.start_id], [IGNORE_INDEX]
+        for turn, ((user, reply), labelled) in enumerate(zip(turns, supervised)):
+            words = " ".join(filter(None, [system if turn == 0 else "", user]))
+            user_ids = self.tokenizer.encode(words, add_special_tokens=False) if words else []
+            ids, labels = ids + user_ids, labels + [IGNORE_INDEX] * len(user_ids)
+            if reply is not None:
+                reply_ids = self.tokenizer.encode(reply, add_special_tokens=False) + [self.end_id]
+                ids, labels = ids + reply_ids, labels + (reply_ids if labelled else [IGNORE_INDEX] * len(reply_ids))
+        return ids, labels
+
+
+def pad_index(rows: list[list[int]]) -> torch.Tensor:
+    """Ragged lists of indices as a (B, K) tensor padded with -1."""
+    index = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        index[i, : len(row)] = torch.tensor(row)
+    return index

@@ -53,6 +53,8 @@ class ShardDataModule(LightningDataModule):
             (NegCLIP); contrastive losses score them as extra negatives. Evaluation batches carry none.
         caption_prompt / system_prompt: the prompt of captioning examples, and a text put before every
             generative prompt (both outside the labels).
+        chat_turns: the most questions of a ``chat`` example; shots: the demonstrations before a ``fewshot``
+            example's question (images of the same batch).
     """
 
     def __init__(
@@ -82,6 +84,8 @@ class ShardDataModule(LightningDataModule):
         system_prompt: str = "",
         seed: int = 0,
         train_fraction: float = 1.0,
+        chat_turns: int = 3,
+        shots: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -148,8 +152,10 @@ class ShardDataModule(LightningDataModule):
         )
         negatives = self.hparams.hard_negatives if train else 0  # eval losses stay comparable across recipes
         formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins,
-                                  hard_negatives=negatives, system_prompt=self.hparams.system_prompt)
-        collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer)
+                                  hard_negatives=negatives, system_prompt=self.hparams.system_prompt,
+                                  chat_turns=self.hparams.chat_turns)
+        collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer,
+                           getattr(self._model(), "image_token", None), self.hparams.shots)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
         epoch = (lambda: self.trainer.current_epoch) if train and self.trainer is not None else None

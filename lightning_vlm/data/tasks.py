@@ -2,8 +2,10 @@
 
 Tasks mix by weight per recipe: ``contrastive`` (the caption alone, no LM loss), ``caption``, ``vqa``
 (a question–answer pair from the sample's json), ``grounding`` (name an object, answer with its box as
-discretised location tokens). A task a sample cannot serve (plain caption data has no questions) falls
-back to captioning.
+discretised location tokens), ``chat`` (several of the sample's questions as a multi-turn conversation about
+its image, every reply supervised), ``fewshot`` (a question after ``shots`` demonstrations: other images with
+their answered questions, interleaved; the collator draws the demonstrations from the batch). A task a sample
+cannot serve (plain caption data has no questions) falls back to captioning.
 
 Contrastive examples may also carry ``hard_negatives`` captions from the sample's json (NegCLIP, Yuksekgonul
 et al., 2023): the same scene with one colour, shape, size or relation swapped, scored as extra negatives.
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 
 from lightning_vlm.data.reading import RawSample
 
-TASKS = ("contrastive", "caption", "vqa", "grounding")
+IMAGE_TOKEN = "<image>"  # where an image stands in the text of a model that places images (data/collate.py)
+TASKS = ("contrastive", "caption", "vqa", "grounding", "chat", "fewshot")
 
 
 @dataclass
@@ -26,7 +29,10 @@ class TextExample:
     """The text side of a training example; only `target` carries labels (none for contrastive).
 
     ``negatives``: hard-negative captions of a contrastive example, a fixed number per example; None pads a
-    slot the sample had no negative for. ``system``: the system prompt of a generative example.
+    slot the sample had no negative for. ``system``: the system prompt of a generative example. ``history``:
+    the earlier (question, reply) turns of a chat about the same image, each reply supervised too.
+    ``demonstration``: a (question, answer) pair about this sample's image that a few-shot example elsewhere in
+    the batch may show before its own question.
     """
 
     task: str
@@ -35,6 +41,8 @@ class TextExample:
     extra: dict = field(default_factory=dict)
     negatives: list[str | None] = field(default_factory=list)
     system: str = ""
+    history: list[tuple[str, str]] = field(default_factory=list)
+    demonstration: tuple[str, str] | None = None
 
 
 @functools.cache
@@ -54,7 +62,8 @@ def box_to_tokens(box: list[float], image_size: int, bins: int) -> str:
 class TaskFormatter:
     """Draws a task per sample by weight and writes its prompt and target; contrastive examples get
     ``hard_negatives`` negative captions drawn without replacement from the sample's json. ``system_prompt``
-    goes with every generative example (a system message under a chat template, else text before the prompt)."""
+    goes with every generative example (a system message under a chat template, else text before the prompt).
+    ``chat_turns``: the most questions a chat example asks (at least two when the sample has them)."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     caption_prompt: str = ""
@@ -62,6 +71,7 @@ class TaskFormatter:
     loc_bins: int = 32
     hard_negatives: int = 0
     system_prompt: str = ""
+    chat_turns: int = 3
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASKS)
@@ -74,13 +84,26 @@ class TaskFormatter:
         example = self._format(sample, image_size, rng)
         if example.task != "contrastive":
             example.system = self.system_prompt
+        if "fewshot" in self._names:
+            example.demonstration = self._demonstration(sample, rng)
         return example
+
+    def _demonstration(self, sample: RawSample, rng: random.Random) -> tuple[str, str]:
+        """One of the sample's questions with its answer, or its caption when it has none."""
+        if not sample.info.get("qa"):
+            return self.caption_prompt, sample.caption
+        qa = rng.choice(sample.info["qa"])
+        return qa["question"], qa["answer"]
 
     def _format(self, sample: RawSample, image_size: int, rng: random.Random) -> TextExample:
         task = rng.choices(self._names, self._weights)[0]
-        if task == "vqa" and sample.info.get("qa"):
+        if task in ("vqa", "fewshot") and sample.info.get("qa"):
             qa = rng.choice(sample.info["qa"])
-            return TextExample("vqa", qa["question"], qa["answer"], {"skill": qa.get("skill")})
+            return TextExample(task, qa["question"], qa["answer"], {"skill": qa.get("skill")})
+        if task == "chat" and sample.info.get("qa"):
+            *earlier, last = rng.sample(sample.info["qa"], min(self.chat_turns, len(sample.info["qa"])))
+            return TextExample("chat", last["question"], last["answer"], {"skill": last.get("skill")},
+                               history=[(qa["question"], qa["answer"]) for qa in earlier])
         if task == "grounding":
             nameable = _uniquely_named(sample.info.get("objects", []))
             if nameable:

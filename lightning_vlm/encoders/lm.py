@@ -13,7 +13,9 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from lightning_vlm.data.tasks import location_tokens
+from tokenizers import AddedToken
+
+from lightning_vlm.data.tasks import IMAGE_TOKEN, location_tokens
 from lightning_vlm.data.tokenizer import load_tokenizer
 from lightning_vlm.pretrained import load_pretrained
 
@@ -38,7 +40,8 @@ class LanguageModel(nn.Module):
     a model built from config takes its vocabulary size and special token ids from it. `lora` (keys of
     peft's LoraConfig: r, lora_alpha, lora_dropout, target_modules) adds LoRA adapters at construction.
     `location_bins` adds that many location tokens (``<loc_00>`` ...) to the tokenizer, and rows for them to the
-    embeddings, for the grounding task (the DataModule's ``loc_bins`` must match).
+    embeddings, for the grounding task (the DataModule's ``loc_bins`` must match). The tokenizer also gets the
+    image placeholder ``<image>`` (`image_token_id`), which a model replaces by an image's tokens.
     """
 
     def __init__(
@@ -58,6 +61,8 @@ class LanguageModel(nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if location_bins:
             self.tokenizer.add_tokens(list(location_tokens(location_bins)))
+        self.tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if name_or_path is not None:
             if config is not None:
                 raise ValueError("give either name_or_path or config, not both")

@@ -36,7 +36,7 @@ class GenerationEvaluator:
 
     def compute(self, split: str) -> dict[str, float]:
         """``{split}/cider_d``, ``{split}/bleu4`` over captions; ``{split}/vqa_{skill}`` and ``vqa_all`` over
-        questions; ``{split}/grounding_iou50`` over boxes; parts without samples are left out."""
+        questions (``chat_*`` over chats' last replies, ``fewshot_*`` over few-shot answers); ``{split}/grounding_iou50`` over boxes; parts without samples are left out."""
         self._gather_ranks()
         metrics: dict[str, float] = {}
         captions = [r for r in self.records if r["task"] == "caption"]
@@ -45,11 +45,12 @@ class GenerationEvaluator:
             cider = CIDErD()
             cider.update(candidates, references)
             metrics.update(cider_d=cider.compute().item(), bleu4=bleu4(candidates, references))
-        questions = [r for r in self.records if r["task"] == "vqa"]
-        if questions:
-            accuracy = answer_accuracy([r["generated"] for r in questions], [r["target"] for r in questions],
-                                       [r["skill"] for r in questions])
-            metrics.update({f"vqa_{skill}": value for skill, value in accuracy.items()})
+        for task in ("vqa", "chat", "fewshot"):  # a chat's last reply, a few-shot example's answer
+            questions = [r for r in self.records if r["task"] == task]
+            if questions:
+                accuracy = answer_accuracy([r["generated"] for r in questions], [r["target"] for r in questions],
+                                           [r["skill"] for r in questions])
+                metrics.update({f"{task}_{skill}": value for skill, value in accuracy.items()})
         boxes = [r for r in self.records if r["task"] == "grounding"]
         if boxes:
             metrics["grounding_iou50"] = grounding_accuracy([r["generated"] for r in boxes], [r["target"] for r in boxes])

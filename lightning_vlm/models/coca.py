@@ -47,7 +47,10 @@ class CoCaOutput:
 class CoCa(CrossAttentionLM):
     """Image encoder + a language model whose first `unimodal_layers` layers (default: half) encode text alone and
     whose remaining layers cross-attend to the pooled image. The language model may be pretrained (by name) or
-    built from a config; the dual-encoder API (`encode_images`, `encode_texts`, `similarity`) serves retrieval."""
+    built from a config; the dual-encoder API (`encode_images`, `encode_texts`, `similarity`) serves retrieval.
+    Its text carries no image placeholder: every token of the multimodal layers reads the one image."""
+
+    places_images = False
 
     def __init__(self, vision: VisionEncoder, language_model: LanguageModel, unimodal_layers: int | None = None,
                  embed_dim: int = 128, num_caption_queries: int = 16, num_heads: int = 4,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders.lm import LanguageModel
-from lightning_vlm.models.visual_prompt import VisualPromptLM
+from lightning_vlm.models.visual_prompt import VisualPromptLM, image_numbers, images_per_row
 
 
 def media_attention_mask(text_image_index: Tensor, media_image_index: Tensor) -> Tensor:
@@ -53,11 +53,7 @@ class CrossAttentionBlock(nn.Module):
 
 class MediaCrossAttention(nn.Module):
     """`CrossAttentionBlock`s before the LM's decoder layers `layer_indices`; every LM forward inside
-    `conditioned_on(media)` reads the (B, M, D_lm) media through them, and outside it the LM runs as it is.
-
-    One image per sample, ahead of the text: every text token's most recent image is image 0 (the mask function
-    above handles interleaved images; the data side does not make them yet).
-    """
+    `conditioned_on(media, ...)` reads the (B, M, D_lm) media through them, and outside it the LM runs as it is."""
 
     def __init__(self, language_model: LanguageModel, layer_indices: list[int], num_heads: int,
                  gated: bool = True) -> None:
@@ -66,29 +62,38 @@ class MediaCrossAttention(nn.Module):
         self.layer_indices = list(layer_indices)
         self.blocks = nn.ModuleList(CrossAttentionBlock(language_model.width, num_heads, gated)
                                     for _ in self.layer_indices)
-        self.media: Tensor | None = None
+        self._condition: tuple[Tensor, Tensor | None, Tensor | None] | None = None
         for index, block in zip(self.layer_indices, self.blocks):
             layers[index].register_forward_pre_hook(self._hook(block), with_kwargs=True)
 
     @contextmanager
-    def conditioned_on(self, media: Tensor) -> Iterator[None]:
-        """The LM's forwards inside read `media` (B, M, D) through the blocks."""
-        self.media = media
+    def conditioned_on(self, media: Tensor, text_image: Tensor | None = None,
+                       media_image: Tensor | None = None) -> Iterator[None]:
+        """The LM's forwards inside read `media` (B, M, D) through the blocks, each text token only the media of
+        its most recent image (`media_attention_mask` of ``text_image`` (B, T) and ``media_image`` (B, M));
+        without them every token reads all of its row's media. Tokens decoded past the given text read the
+        last one's image."""
+        self._condition = (media, text_image, media_image)
         try:
             yield
         finally:
-            self.media = None
+            self._condition = None
 
     def _hook(self, block: CrossAttentionBlock):
         def before_layer(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if self.media is None:
+            if self._condition is None:
                 return args, kwargs
             hidden = args[0] if args else kwargs["hidden_states"]
-            media = self.media
+            media, text_image, media_image = self._condition
+            if text_image is None:
+                text_image = hidden.new_zeros(media.shape[0], 1, dtype=torch.long)
+                media_image = media.new_zeros(media.shape[:2], dtype=torch.long)
+            if text_image.shape[1] != hidden.shape[1]:  # decoding step (KV cache) or no positions given
+                text_image = text_image[:, -1:].expand(-1, hidden.shape[1])
             if hidden.shape[0] != media.shape[0]:  # beam search repeats each sample num_beams times
-                media = media.repeat_interleave(hidden.shape[0] // media.shape[0], dim=0)
-            text_image = hidden.new_zeros(hidden.shape[:2], dtype=torch.long)
-            media_image = media.new_zeros(media.shape[:2], dtype=torch.long)
+                beams = hidden.shape[0] // media.shape[0]
+                media, text_image, media_image = (t.repeat_interleave(beams, dim=0)
+                                                  for t in (media, text_image, media_image))
             hidden = block(hidden, media.to(hidden.dtype), media_attention_mask(text_image, media_image))
             return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
@@ -97,21 +102,40 @@ class MediaCrossAttention(nn.Module):
 
 class CrossAttentionLM(VisualPromptLM):
     """A language model that reads the visual prompt through `cross_attention` (a `MediaCrossAttention`) rather
-    than as prefix tokens: the text alone is its input (Flamingo, CoCa's multimodal layers)."""
+    than as input tokens: the text alone is its input, a placeholder token marking where each image appears, and
+    each text token reads the most recent image before it (Flamingo; CoCa's multimodal layers, whose text has no
+    placeholder, read their one image from every token)."""
 
     cross_attention: MediaCrossAttention
 
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Next-token loss on the labelled tokens of the text, which reads the image by cross-attention."""
-        return self.text_loss(self.visual_prompt(pixel_values), input_ids, attention_mask, labels)
+    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                image_index: Tensor | None = None) -> Tensor:
+        """Next-token loss on the labelled tokens of the text, which reads its images by cross-attention."""
+        return self.text_loss(self.visual_prompt(pixel_values), input_ids, attention_mask, labels, image_index)
 
-    def text_loss(self, media: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """`lm_loss` from visual tokens already made (B, M, D_lm)."""
-        with self.cross_attention.conditioned_on(media):
+    def text_loss(self, visual: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                  image_index: Tensor | None = None) -> Tensor:
+        """`lm_loss` from the batch's visual tokens already made (N, M, D_lm)."""
+        with self.cross_attention.conditioned_on(*self.media(visual, input_ids, image_index)):
             return self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
 
     @torch.no_grad()
-    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, **generation) -> Tensor:
-        """New token ids continuing the left-padded prompts, every decoding step conditioned on the image."""
-        with self.cross_attention.conditioned_on(self.visual_prompt(pixel_values)):
+    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
+                 image_index: Tensor | None = None, **generation) -> Tensor:
+        """New token ids continuing the left-padded prompts, every decoding step reading the last image."""
+        with self.cross_attention.conditioned_on(*self.media(self.visual_prompt(pixel_values), prompt_ids,
+                                                             image_index)):
             return self.language_model.generate(self.language_model.embed(prompt_ids), prompt_mask, **generation)
+
+    def media(self, visual: Tensor, input_ids: Tensor, image_index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """What each row's text reads: its images' visual tokens (B, K * M, D), the image number of each text token
+        (B, T; -1 before the first placeholder, 0 everywhere when the batch has none) and of each visual token."""
+        per_row = images_per_row(visual, image_index)
+        batch, images, tokens = per_row.shape[:3]
+        media_image = torch.arange(images, device=visual.device).repeat_interleave(tokens).expand(batch, -1)
+        if image_index is not None:
+            media_image = media_image.masked_fill((image_index < 0).repeat_interleave(tokens, dim=1), -2)
+        text_image = image_numbers(input_ids, self.language_model.image_token_id)
+        if (text_image < 0).all():
+            text_image = torch.zeros_like(text_image)
+        return per_row.flatten(1, 2), text_image, media_image

@@ -35,13 +35,12 @@ def prefix_attention_mask(padding: Tensor, prefix_end: Tensor, bidirectional: bo
     return allowed | torch.eye(length, dtype=torch.bool, device=padding.device)
 
 
-def position_ids(padding: Tensor, is_image: Tensor, shared_image_position: bool) -> Tensor:
+def position_ids(padding: Tensor, image_slot: Tensor, shared_image_position: bool) -> Tensor:
     """(B, L) positions counting real tokens from 0 (padding repeats its neighbour's); with
-    `shared_image_position` every token of an image takes the position of its first."""
+    `shared_image_position` every token of an image takes the position of its first (``image_slot`` 0)."""
     steps = padding.long()
     if shared_image_position:
-        continues_image = is_image & torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
-        steps = steps.masked_fill(continues_image, 0)
+        steps = steps.masked_fill(image_slot > 0, 0)
     return (steps.cumsum(dim=1) - 1).clamp_min(0)
 
 
@@ -69,29 +68,30 @@ class PrefixLM(LLaVA):
         self.bidirectional = prefix_attention == "bidirectional"
         self.shared_image_position = image_positions == "shared"
 
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Next-token loss on the labelled suffix; the prefix is the image and every text token before the first
-        label (the prompt)."""
-        embeds, padding, is_image = self._sequence(pixel_values, input_ids, attention_mask)
-        labels = torch.cat([labels.new_full((len(labels), embeds.shape[1] - labels.shape[1]), -100), labels], dim=1)
-        labelled = labels != -100
-        prefix_end = torch.where(labelled.any(1), labelled.float().argmax(1), padding.sum(1))
-        mask = prefix_attention_mask(padding, prefix_end, self.bidirectional)
-        return self.language_model.loss(embeds, additive(mask, embeds.dtype), labels,
-                                        position_ids(padding, is_image, self.shared_image_position))
+    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                image_index: Tensor | None = None) -> Tensor:
+        """Next-token loss on the labelled suffix; the prefix is everything before the first label (the images and
+        the prompt; a chat's later turns and a few-shot example's demonstrations too)."""
+        sequence = self.interleave(pixel_values, input_ids, attention_mask, image_index, labels)
+        labelled = sequence.labels != -100
+        prefix_end = torch.where(labelled.any(1), labelled.float().argmax(1), sequence.mask.sum(1))
+        mask = prefix_attention_mask(sequence.mask, prefix_end, self.bidirectional)
+        return self.language_model.loss(sequence.embeds, additive(mask, sequence.embeds.dtype), sequence.labels,
+                                        position_ids(sequence.mask, sequence.image_slot, self.shared_image_position))
 
     @torch.no_grad()
-    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int = 24,
-                 num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
-        """New token ids (B, <= max_new_tokens) continuing ``[image] prompt`` (left-padded prompts): the whole
-        input is the prefix; new tokens attend causally. Greedy, or sampling with temperature and top-p."""
+    def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, image_index: Tensor | None = None,
+                 max_new_tokens: int = 24, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0) -> Tensor:
+        """New token ids (B, <= max_new_tokens) continuing the left-padded prompts with their images placed: the
+        whole input is the prefix; new tokens attend causally. Greedy, or sampling with temperature and top-p."""
         if num_beams != 1:
             raise ValueError("PrefixLM decodes greedily or by sampling; beam search is not supported")
         lm, tok = self.language_model.model, self.language_model.tokenizer
-        embeds, padding, is_image = self._sequence(pixel_values, prompt_ids, prompt_mask)
-        embeds, padding, is_image = move_padding_left(embeds, padding, is_image)  # left padding before the image
+        sequence = self.interleave(pixel_values, prompt_ids, prompt_mask, image_index)
+        embeds, padding, image_slot = move_padding_left(sequence.embeds, sequence.mask, sequence.image_slot)
         mask = prefix_attention_mask(padding, padding.new_full(padding.shape[:1], padding.shape[1]), self.bidirectional)
-        positions = position_ids(padding, is_image, self.shared_image_position)
+        positions = position_ids(padding, image_slot, self.shared_image_position)
         out = lm(inputs_embeds=embeds, attention_mask=additive(mask, embeds.dtype), position_ids=positions,
                  use_cache=True, logits_to_keep=1)  # the prefill needs the last position's logits only
         warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
@@ -111,12 +111,3 @@ class PrefixLM(LLaVA):
             out = lm(inputs_embeds=self.language_model.embed(token[:, None]), attention_mask=step_mask,
                      position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
         return torch.stack(new, dim=1)
-
-    def _sequence(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
-        """[image tokens; text] embeddings, their padding mask and which positions are image tokens."""
-        image = self.visual_prompt(pixel_values)
-        embeds = torch.cat([image, self.language_model.embed(input_ids)], dim=1)
-        padding = torch.cat([attention_mask.new_ones(image.shape[:2]), attention_mask], dim=1)
-        is_image = torch.zeros(padding.shape, dtype=torch.bool, device=padding.device)
-        is_image[:, : image.shape[1]] = True
-        return embeds, padding, is_image

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.reading import RawSample
+from lightning_vlm.data.tasks import IMAGE_TOKEN, TextExample
 from lightning_vlm.data.transforms import ImageTransform
 from lightning_vlm.eval.generation import GenerationEvaluator
 from lightning_vlm.losses.output import LossOutput
@@ -42,6 +43,11 @@ class ImageToText(VLMParadigm):
         """The LM's tokenizer lays out prompts and targets."""
         return self.model.language_model.tokenizer
 
+    @property
+    def image_token(self) -> str | None:
+        """The placeholder the data side writes where each image stands, for a model that places images."""
+        return IMAGE_TOKEN if self.model.language_model is not None and self.model.places_images else None
+
     # ---- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.losses(batch)
@@ -49,7 +55,8 @@ class ImageToText(VLMParadigm):
         return losses.total
 
     def losses(self, batch: dict) -> LossOutput:
-        lm = self.model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        lm = self.model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                batch.get("image_index"))
         return LossOutput(lm, {"lm": lm})
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -109,14 +116,21 @@ class ImageToText(VLMParadigm):
 
     @torch.no_grad()
     def generate_text(self, pixel_values: Tensor, prompts: list[str], system: str = "", **generation: Any) -> list[str]:
-        """Decoded answers of the LM to ``prompts`` about the images (greedy unless `generation` says otherwise:
+        """Decoded answers of the LM to ``prompts``, one per image (greedy unless `generation` says otherwise:
         num_beams for beam search, do_sample with top_p for nucleus sampling)."""
-        ids, mask = Collator(self.tokenizer).prompts(prompts, system)
-        new = self.model.generate(pixel_values, ids.to(self.device), mask.to(self.device),
-                                  **{**self.generation, **generation})
-        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return self._generate(pixel_values, [TextExample("vqa", p, "", system=system) for p in prompts], None,
+                              **generation)
 
     def _answers(self, batch: dict) -> list[str]:
-        """Generated replies to every sample's own prompt (and the batch's system prompt)."""
-        metas = batch["meta"]
-        return self.generate_text(batch["pixel_values"], [m["prompt"] for m in metas], system=metas[0].get("system", ""))
+        """Generated replies to every sample's own last prompt, after its earlier turns (a chat's, a few-shot
+        example's demonstrations with their images)."""
+        texts = [TextExample(m["task"], m["prompt"], "", system=m.get("system", ""), history=m.get("history", []))
+                 for m in batch["meta"]]
+        return self._generate(batch["pixel_values"], texts, batch.get("image_index"))
+
+    def _generate(self, pixel_values: Tensor, texts: list[TextExample], image_index: Tensor | None,
+                  **generation: Any) -> list[str]:
+        ids, mask = Collator(self.tokenizer, image_token=self.image_token).generation_inputs(texts)
+        new = self.model.generate(pixel_values, ids.to(self.device), mask.to(self.device), image_index,
+                                  **{**self.generation, **generation})
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -10,11 +10,13 @@ With an ``image_token`` (the LM's placeholder, for models that place images in t
 into the text as that token, before the first prompt (``<image>\nwhat colour is the square?``), and the batch
 says which image each placeholder shows: ``image_index`` (B, K), batch rows, -1 padded. A few-shot example
 shows ``shots`` other images of its batch first, each with its demonstration question and answer (unlabelled),
-then its own image and question; every other example shows its own image once. Contrastive examples carry no labels at all; their hard-negative captions,
-when drawn, come as ``negative_input_ids`` / ``negative_attention_mask`` (B * k, L), example by example, with
-``negative_valid`` (B * k,) False where an example had fewer than k. With a ``caption_tokenizer`` (a second
-text consumer, e.g. BLIP-2's Q-Former beside its LM), every example's caption is also tokenised by it, laid out
-as a contrastive text: ``caption_input_ids`` / ``caption_attention_mask``.
+then its own image and question; every other example shows its own image once.
+
+Contrastive examples carry no labels at all; their hard-negative captions, when drawn, come as
+``negative_input_ids`` / ``negative_attention_mask`` (B * k, L), example by example, with ``negative_valid``
+(B * k,) False where an example had fewer than k. With a ``caption_tokenizer`` (a second text consumer, e.g.
+BLIP-2's Q-Former beside its LM), every example's caption is also tokenised by it, laid out as a contrastive
+text: ``caption_input_ids`` / ``caption_attention_mask``.
 """
 
 from __future__ import annotations

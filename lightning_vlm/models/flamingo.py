@@ -2,8 +2,9 @@
 
 A Perceiver resampler turns the image encoder's tokens into a few visual tokens; before every `every`-th decoder
 layer of the LM, a GATED XATTN-DENSE block lets the text attend to them and adds the result through tanh gates
-initialised at 0, so training starts from the LM exactly as it was. A text token attends only to the most recent
-image before it (`media_attention_mask`); with one image per sample ahead of the text, that is the sample's image.
+initialised at 0, so training starts from the LM exactly as it was. The text marks each image with ``<image>``; a
+text token attends only to the visual tokens of the most recent image before it (`media_attention_mask`), so a
+few-shot sequence of several images reads each answer's own image.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from lightning_vlm.models.visual_prompt import VisualPromptLM
 
 class LLaVA(VisualPromptLM):
     """Image encoder -> adapter ("projector", built here for the two widths) -> language model, the adapted
-    tokens prepended to the text."""
+    tokens placed where the text's image placeholder stands."""
 
     def __init__(self, vision: VisionEncoder | RawPatches, language_model: LanguageModel,
                  adapter: Adapter | None = None) -> None:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from lightning_vlm.data.collate import IGNORE_INDEX, Collator, Example
+from lightning_vlm.data.collate import IGNORE_INDEX, Collator, Example, first_rows
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.tasks import IMAGE_TOKEN, TaskFormatter, TextExample
@@ -183,3 +183,14 @@ def test_fewshot_evaluation_generates_from_the_interleaved_prompt(tiny_benchmark
     ids, _ = Collator(paradigm.tokenizer, image_token=IMAGE_TOKEN).generation_inputs(
         [TextExample("fewshot", m["prompt"], "", history=m["history"]) for m in batch["meta"]])
     assert ((ids == paradigm.model.language_model.image_token_id).sum(1) == 2).all()
+
+
+def test_first_rows_bring_the_demonstration_images_they_show(tiny_benchmark):
+    paradigm = ImageToText(build("llava", tiny_benchmark), generation={"max_new_tokens": 3})
+    batch = fewshot_batch(paradigm, tiny_benchmark)  # row 1 shows image 2, then its own
+    head = first_rows(batch, 2)
+    assert head["image_index"].tolist() == [[1, 0], [2, 1]] and len(head["pixel_values"]) == 3
+    for row in range(2):
+        for new, old in zip(head["image_index"][row], batch["image_index"][row]):
+            assert torch.equal(head["pixel_values"][new], batch["pixel_values"][old])
+    assert paradigm._answers(head) == paradigm._answers(batch)[:2]

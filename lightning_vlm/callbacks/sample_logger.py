@@ -9,6 +9,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from PIL import Image, ImageDraw
 
+from lightning_vlm.data.collate import first_rows
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD
 
 
@@ -28,8 +29,7 @@ class SampleImageLogger(Callback):
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
         if batch_idx == 0 and dataloader_idx == 0:
-            self._batch = {k: v[: self.num_samples] if isinstance(v, (torch.Tensor, list)) else v
-                           for k, v in batch.items()}
+            self._batch = first_rows(batch, self.num_samples)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         batch, self._batch = self._batch, None
@@ -39,7 +39,7 @@ class SampleImageLogger(Callback):
         outputs = pl_module.sample_outputs(batch) if hasattr(pl_module, "sample_outputs") else None
         mean = getattr(pl_module, "image_mean", None) or CLIP_MEAN
         std = getattr(pl_module, "image_std", None) or CLIP_STD
-        images = denormalize(batch["pixel_values"], mean, std)
+        images = denormalize(batch["pixel_values"][: len(batch["meta"])], mean, std)  # after them: demonstrations
         lines = [describe(meta, outputs[i] if outputs else None) for i, meta in enumerate(batch["meta"])]
         grid = captioned_grid(images, lines, self.tile)
         writer.add_image("samples", np.asarray(grid), trainer.global_step, dataformats="HWC")

@@ -192,3 +192,18 @@ def pad_index(rows: list[list[int]]) -> torch.Tensor:
     for i, row in enumerate(rows):
         index[i, : len(row)] = torch.tensor(row)
     return index
+
+
+def first_rows(batch: dict, count: int) -> dict:
+    """The batch's first ``count`` examples. Images they show from later rows (few-shot demonstrations) come
+    along after their own, with ``image_index`` renumbered, so pixel row i stays example i's image."""
+    rows = {key: value[:count] if isinstance(value, (torch.Tensor, list)) else value for key, value in batch.items()}
+    if "image_index" not in batch:
+        return rows
+    index = rows["image_index"]
+    later = sorted(set(index[index >= count].tolist()))
+    renumber = torch.arange(len(batch["pixel_values"]))
+    renumber[later] = torch.arange(count, count + len(later))
+    rows["pixel_values"] = torch.cat([rows["pixel_values"], batch["pixel_values"][later]])
+    rows["image_index"] = torch.where(index >= 0, renumber[index.clamp_min(0)], index)
+    return rows

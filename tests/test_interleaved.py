@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import random
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_vlm.callbacks import SampleImageLogger
 from lightning_vlm.data.collate import IGNORE_INDEX, Collator, Example, first_rows
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
@@ -194,3 +198,19 @@ def test_first_rows_bring_the_demonstration_images_they_show(tiny_benchmark):
         for new, old in zip(head["image_index"][row], batch["image_index"][row]):
             assert torch.equal(head["pixel_values"][new], batch["pixel_values"][old])
     assert paradigm._answers(head) == paradigm._answers(batch)[:2]
+
+
+def test_fewshot_training_evaluates_and_draws_samples(tiny_benchmark, tmp_path):
+    """A fit over few-shot batches: the sample grid generates from rows whose demonstrations lie beyond it."""
+    paradigm = ImageToText(build("flamingo", tiny_benchmark), eval_max_samples=8, warmup_steps=1,
+                           generation={"max_new_tokens": 3})
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"fewshot": 1.0}, batch_size=4, shots=2, val_splits=["val"])
+    logger = TensorBoardLogger(tmp_path / "runs")
+    trainer = L.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=2,
+                        logger=logger, callbacks=[SampleImageLogger(num_samples=2)], enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(paradigm, dm)
+    assert "val/fewshot_all" in trainer.callback_metrics
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert len(events.Images("samples")) == 1

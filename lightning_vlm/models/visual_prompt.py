@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_vlm.data.collate import IGNORE_INDEX
 from lightning_vlm.encoders.lm import LanguageModel
-
-IGNORE_INDEX = -100
 
 
 @dataclass

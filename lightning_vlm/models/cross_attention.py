@@ -62,17 +62,15 @@ class MediaCrossAttention(nn.Module):
         self.layer_indices = list(layer_indices)
         self.blocks = nn.ModuleList(CrossAttentionBlock(language_model.width, num_heads, gated)
                                     for _ in self.layer_indices)
-        self._condition: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+        self._condition: tuple[Tensor, Tensor, Tensor] | None = None
         for index, block in zip(self.layer_indices, self.blocks):
             layers[index].register_forward_pre_hook(self._hook(block), with_kwargs=True)
 
     @contextmanager
-    def conditioned_on(self, media: Tensor, text_image: Tensor | None = None,
-                       media_image: Tensor | None = None) -> Iterator[None]:
+    def conditioned_on(self, media: Tensor, text_image: Tensor, media_image: Tensor) -> Iterator[None]:
         """The LM's forwards inside read `media` (B, M, D) through the blocks, each text token only the media of
-        its most recent image (`media_attention_mask` of ``text_image`` (B, T) and ``media_image`` (B, M));
-        without them every token reads all of its row's media. Tokens decoded past the given text read the
-        last one's image."""
+        its most recent image (`media_attention_mask` of ``text_image`` (B, T) and ``media_image`` (B, M)).
+        Tokens decoded past the given text read the last one's image."""
         self._condition = (media, text_image, media_image)
         try:
             yield
@@ -85,10 +83,7 @@ class MediaCrossAttention(nn.Module):
                 return args, kwargs
             hidden = args[0] if args else kwargs["hidden_states"]
             media, text_image, media_image = self._condition
-            if text_image is None:
-                text_image = hidden.new_zeros(media.shape[0], 1, dtype=torch.long)
-                media_image = media.new_zeros(media.shape[:2], dtype=torch.long)
-            if text_image.shape[1] != hidden.shape[1]:  # decoding step (KV cache) or no positions given
+            if text_image.shape[1] != hidden.shape[1]:  # a decoding step (KV cache): the prompt's last image
                 text_image = text_image[:, -1:].expand(-1, hidden.shape[1])
             if hidden.shape[0] != media.shape[0]:  # beam search repeats each sample num_beams times
                 beams = hidden.shape[0] // media.shape[0]

@@ -27,10 +27,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lightning_vlm.data.chat import chat_ids, generation_prompt_ids, has_chat_template
+from lightning_vlm.data.chat import IGNORE_INDEX, chat_ids, generation_prompt_ids, has_chat_template
 from lightning_vlm.data.tasks import TextExample
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import Tensor
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lightning_vlm.adapters import Adapter
+from lightning_vlm.data.chat import IGNORE_INDEX
 from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA
@@ -73,7 +74,7 @@ class PrefixLM(LLaVA):
         """Next-token loss on the labelled suffix; the prefix is everything before the first label (the images and
         the prompt; a chat's later turns and a few-shot example's demonstrations too)."""
         sequence = self.interleave(pixel_values, input_ids, attention_mask, image_index, labels)
-        labelled = sequence.labels != -100
+        labelled = sequence.labels != IGNORE_INDEX
         prefix_end = torch.where(labelled.any(1), labelled.float().argmax(1), sequence.mask.sum(1))
         mask = prefix_attention_mask(sequence.mask, prefix_end, self.bidirectional)
         return self.language_model.loss(sequence.embeds, additive(mask, sequence.embeds.dtype), sequence.labels,

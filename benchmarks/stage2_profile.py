@@ -6,7 +6,11 @@ into the forward of each top-level part (vision, Q-Former or projector, projecti
 backward and the optimizer step.
 
     python benchmarks/stage2_profile.py [--config recipes/blip2_smollm2.yaml] [--batch-size 16] [--steps 8]
-                                        [--phase -1]
+                                        [--phase -1] [--autocast] [-- CLI overrides ...]
+
+The step runs under bf16 autocast with --autocast (what the trainer's precision "bf16-mixed" does), and anything
+after `--` overrides the recipe as on the command line, e.g.
+`-- --model.init_args.model.init_args.language_model.init_args.dtype float32` to time the LM in full precision.
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--root", default="data/synthetic")
     parser.add_argument("--phase", type=int, default=-1, help="the plan's phase to time (default: the last)")
+    parser.add_argument("--autocast", action="store_true", help="run the step under bf16 autocast")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, after --")
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    paradigm = load_model(args.config, None, "--data.init_args.root", args.root).train()
+    paradigm = load_model(args.config, None, "--data.init_args.root", args.root, *args.overrides).train()
     recipe = yaml.safe_load(open(args.config))
     plan = next(c["init_args"]["phases"] for c in recipe["trainer"]["callbacks"]
                 if c["class_path"].endswith("StagedFreezing"))
@@ -74,7 +80,8 @@ def main() -> None:
             totals.clear()
             wall = 0.0
         start = time.perf_counter()
-        loss = paradigm.losses(batch).total
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
+            loss = paradigm.losses(batch).total
         forward_done = time.perf_counter()
         loss.backward()
         backward_done = time.perf_counter()
@@ -87,7 +94,8 @@ def main() -> None:
         wall += end - start
 
     per_step = wall / args.steps
-    print(f"{args.config}: batch {args.batch_size}, {args.steps} steps, {per_step:.2f} s/step, "
+    print(f"{args.config} {' '.join(args.overrides)}{' (bf16 autocast)' if args.autocast else ''}: "
+          f"batch {args.batch_size}, {args.steps} steps, {per_step:.2f} s/step, "
           f"{args.batch_size / per_step:.1f} samples/s; trainable {trainable / 1e6:.2f} M of {total / 1e6:.1f} M")
     for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {name:28s} {seconds / args.steps:7.3f} s/step  {100 * seconds / wall:5.1f} %")

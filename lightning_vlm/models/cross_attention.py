@@ -89,7 +89,10 @@ class MediaCrossAttention(nn.Module):
                 beams = hidden.shape[0] // media.shape[0]
                 media, text_image, media_image = (t.repeat_interleave(beams, dim=0)
                                                   for t in (media, text_image, media_image))
-            hidden = block(hidden, media.to(hidden.dtype), media_attention_mask(text_image, media_image))
+            # the block computes in the media's dtype (float32, or autocast's), the LM goes on in its own (a frozen
+            # LM may be bfloat16)
+            mask = media_attention_mask(text_image, media_image)
+            hidden = block(hidden.to(media.dtype), media, mask).to(hidden.dtype)
             return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
         return before_layer

@@ -77,7 +77,7 @@ class PrefixLM(LLaVA):
         labelled = sequence.labels != IGNORE_INDEX
         prefix_end = torch.where(labelled.any(1), labelled.float().argmax(1), sequence.mask.sum(1))
         mask = prefix_attention_mask(sequence.mask, prefix_end, self.bidirectional)
-        return self.language_model.loss(sequence.embeds, additive(mask, sequence.embeds.dtype), sequence.labels,
+        return self.language_model.loss(sequence.embeds, additive(mask, self.language_model.dtype), sequence.labels,
                                         position_ids(sequence.mask, sequence.image_slot, self.shared_image_position))
 
     @torch.no_grad()
@@ -91,6 +91,7 @@ class PrefixLM(LLaVA):
         lm, tok = self.language_model.model, self.language_model.tokenizer
         sequence = self.interleave(pixel_values, prompt_ids, prompt_mask, image_index)
         embeds, padding, image_slot = move_padding_left(sequence.embeds, sequence.mask, sequence.image_slot)
+        embeds = embeds.to(self.language_model.dtype)
         mask = prefix_attention_mask(padding, padding.new_full(padding.shape[:1], padding.shape[1]), self.bidirectional)
         positions = position_ids(padding, image_slot, self.shared_image_position)
         out = lm(inputs_embeds=embeds, attention_mask=additive(mask, embeds.dtype), position_ids=positions,

@@ -67,9 +67,13 @@ class VLMParadigm(LightningModule):
         decay; empty groups are left out. Groups are named ``{part}`` and ``{part}/no_decay``."""
         parts = sorted(self.lr_multipliers, key=len, reverse=True)
         groups: dict[tuple[str, bool], list] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
+        trainable = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
+        half = [name for name, param in trainable if param.dtype != torch.float32]
+        if half and len(half) < len(trainable):  # all half is the trainer's choice (precision="bf16-true")
+            raise ValueError(f"half-precision parameters would train beside float32 ones: {half[:3]}"
+                             f"{' ...' if len(half) > 3 else ''}. A half-precision LM (LanguageModel(dtype=...)) must "
+                             f"stay frozen or train through LoRA; unfreeze it only in float32")
+        for name, param in trainable:
             part = next((p for p in parts if name.startswith(f"model.{p}.") or name == f"model.{p}"), "base")
             groups.setdefault((part, param.ndim < 2), []).append(param)
         return [{"params": params, "name": part + ("/no_decay" if no_decay else ""),

@@ -22,6 +22,7 @@ from lightning_vlm.paradigms.weights import WeightsSource, load_weights
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_CNN = {"norm_layer": "groupnorm1", "channels": [8, 16, 32, 64], "stem_width": 8, "layers": [1, 1, 1, 1]}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
            "num_key_value_heads": 1}
 
@@ -170,6 +171,28 @@ def test_lora_through_the_plan_trains_only_adapters(tiny_benchmark, tmp_path):
     state = lm.state_dict()
     assert all(torch.equal(base_before[k], state[k]) for k in base_before if k in state)  # base bit-identical
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in lm.named_parameters() if "lora_B" in n)
+
+
+def test_a_frozen_bfloat16_lm_with_lora_trains_and_evaluates_under_bf16_autocast(tiny_benchmark, tmp_path):
+    """The SmolLM2 recipes' setting: the LM's weights in bfloat16, LoRA and everything else float32, the steps under
+    bf16 autocast; evaluation at the end (ITM re-ranking, generation) runs outside it on what the steps kept."""
+    torch.manual_seed(0)
+    cnn = VisionEncoder("resnet10t", overrides=TINY_CNN)  # its features come out of autocast in bf16 (a ViT's in fp32)
+    model = BLIP2(cnn, lambda width: QFormer(width, config=TINY_BERT, tokenizer=tiny_benchmark, num_queries=4),
+                  LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM, dtype="bfloat16"), embed_dim=16)
+    paradigm = BLIP2Paradigm(model, lr=1e-3, warmup_steps=1, eval_max_samples=16, rerank_k=4)
+    plan = [PLAN[0], Phase(start_step=2, lora={"language_model": {"r": 4}}, unfreeze=["lm_projection"],
+                           loss_weights={"itc": 0.0, "itm": 0.0, "itg": 0.0, "lm": 1.0})]
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"caption": 1.0, "vqa": 1.0}, batch_size=8, eval_batch_size=8)
+    trainer = L.Trainer(max_steps=4, limit_val_batches=2, val_check_interval=4, precision="bf16-mixed", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[StagedFreezing(plan)])
+    trainer.fit(paradigm, dm)
+    lm = paradigm.model.language_model
+    assert {p.dtype for n, p in lm.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in lm.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    metrics = trainer.callback_metrics
+    assert {"val/i2t_rerank_r1", "val/vqa_all", "val/lm"} <= set(metrics) and torch.isfinite(metrics["val/lm"])
 
 
 def test_init_from_reports_missing_and_unexpected_keys(tiny_benchmark, tmp_path):

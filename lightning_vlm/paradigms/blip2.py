@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.eval import ContrastiveEvaluator
 from lightning_vlm.eval.retrieval import rerank_recall
+from lightning_vlm.eval.suite import full_precision
 from lightning_vlm.losses.contrastive import temperature
 from lightning_vlm.losses.distributed import local_batch
 from lightning_vlm.losses.output import LossOutput
@@ -91,7 +92,8 @@ class BLIP2Paradigm(ImageToText):
         suite, features = self.retrieval_evaluators[dataloader_idx]
         if not suite.full:
             suite.update(self.model, batch)
-            features.append(self.model.image_features(batch["pixel_values"]))
+            # float32, like the suite's: the re-ranking at epoch end runs outside the steps' autocast
+            features.append(full_precision(self.model.image_features(batch["pixel_values"])))
         self.update_generation(batch, dataloader_idx)
 
     def eval_metrics(self, dataloader_idx: int, split: str) -> dict[str, float]:

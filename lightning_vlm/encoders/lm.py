@@ -42,10 +42,11 @@ class LanguageModel(nn.Module):
     `location_bins` adds that many location tokens (``<loc_00>`` ...) to the tokenizer, and rows for them to the
     embeddings, for the grounding task (the DataModule's ``loc_bins`` must match). The tokenizer also gets the
     image placeholder ``<image>`` (`image_token_id`), which a model replaces by an image's tokens.
-    `dtype` ("bfloat16", "float16") keeps the LM's weights in half precision: for an LM that stays frozen (with or
-    without LoRA, whose adapters stay float32), it halves the LM's memory and, on a CPU with bf16 instructions,
-    its step time; inputs are cast to it, so the parts around it stay float32. `attn_implementation` goes to
-    transformers ("eager", "sdpa", ...): on CPU, bf16 SDPA's backward is slow for short sequences, eager is not.
+    `dtype` ("float32", "bfloat16", "float16"; unset: as transformers loads it) sets the LM's weights' dtype: half
+    precision suits an LM that stays frozen (with or without LoRA, whose adapters stay float32), halving its memory
+    and, on a CPU with bf16 instructions, its step time; inputs are cast to it, so the parts around it stay float32.
+    `attn_implementation` goes to transformers ("eager", "sdpa", ...): on CPU, bf16 SDPA's backward is slow for
+    short sequences, eager is not.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class LanguageModel(nn.Module):
         attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
-        options = {"dtype": half_precision(dtype)} if dtype is not None else {}
+        options = {"dtype": weights_dtype(dtype)} if dtype is not None else {}
         if attn_implementation is not None:
             options["attn_implementation"] = attn_implementation
         source = tokenizer or name_or_path
@@ -153,9 +154,9 @@ class LanguageModel(nn.Module):
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **generation)
 
 
-def half_precision(name: str) -> torch.dtype:
-    """torch.bfloat16 or torch.float16 by name; anything else is a clear error (float32 is the default)."""
-    allowed = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+def weights_dtype(name: str) -> torch.dtype:
+    """torch.float32, torch.bfloat16 or torch.float16 by name; anything else is a clear error."""
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in allowed:
-        raise ValueError(f"dtype must be one of {sorted(allowed)} (leave it unset for float32), got {name!r}")
+        raise ValueError(f"dtype must be one of {sorted(allowed)}, got {name!r}")
     return allowed[name]

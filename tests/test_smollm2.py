@@ -90,3 +90,5 @@ def test_lm_tuning_overrides_compose_with_the_recipe(override, lm_in_last_phase,
     lm = cli.model.model.language_model
     trained = [n for n, p in lm.named_parameters() if p.requires_grad]
     assert (trained == []) if lm_in_last_phase == "frozen" else (len(trained) == len(list(lm.parameters())))
+    assert lm.dtype == (torch.bfloat16 if lm_in_last_phase == "frozen" else torch.float32)  # only float32 trains
+    cli.model.parameter_groups()  # no half-precision parameter trains beside float32 ones

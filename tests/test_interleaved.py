@@ -189,6 +189,22 @@ def test_fewshot_evaluation_generates_from_the_interleaved_prompt(tiny_benchmark
     assert ((ids == paradigm.model.language_model.image_token_id).sum(1) == 2).all()
 
 
+@pytest.mark.parametrize("kind", ["llava", "prefix", "flamingo"])
+def test_a_bfloat16_lm_reads_the_interleaved_batch_as_the_float32_one_does(tiny_benchmark, kind):
+    """A frozen LM kept in bfloat16 (LanguageModel(dtype=...)) under float32 visual tokens, prefix masks and
+    Flamingo's float32 cross-attention blocks: the same loss within bf16 rounding, and generation runs."""
+    model = build(kind, tiny_benchmark)
+    for block in getattr(getattr(model, "cross_attention", None), "blocks", []):  # open Flamingo's gates
+        torch.nn.init.constant_(block.attention_gate, 1.0)
+    paradigm = ImageToText(model, generation={"max_new_tokens": 3})
+    batch = fewshot_batch(paradigm, tiny_benchmark)
+    inputs = [batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels", "image_index")]
+    reference = model.lm_loss(*inputs)
+    model.language_model.model.bfloat16()
+    assert torch.allclose(model.lm_loss(*inputs), reference, rtol=3e-2)
+    assert len(paradigm._answers(batch)) == 4
+
+
 def test_first_rows_bring_the_demonstration_images_they_show(tiny_benchmark):
     paradigm = ImageToText(build("llava", tiny_benchmark), generation={"max_new_tokens": 3})
     batch = fewshot_batch(paradigm, tiny_benchmark)  # row 1 shows image 2, then its own

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_vlm.data.collate import IGNORE_INDEX
+from lightning_vlm.data.collate import IGNORE_INDEX, Collator
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.sources import ShardSource
+from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
 from lightning_vlm.data.transforms import hflip_sample, swap_left_right
 
@@ -62,6 +63,20 @@ def test_truncation_keeps_the_end_token_and_labels_equal_to_ids(tiny_benchmark, 
         assert torch.equal(lab[supervised], real[supervised])
         prompt_length = 1 + len(tok.encode(meta["prompt"], add_special_tokens=False))
         assert not supervised[:prompt_length].any() and supervised[prompt_length:].all()
+
+
+@pytest.mark.parametrize("max_length", [8, 64])
+def test_batched_tokenize_lays_out_each_text_as_encoding_it_alone_does(tiny_benchmark, max_length):
+    """`tokenize` (hard negatives, evaluation prompts) encodes a batch in one call; each row must be the contrastive
+    layout `encode` gives that text alone, truncation included."""
+    collate = ShardDataModule(root=tiny_benchmark).eval_loader("val").dataset.collate
+    collate = Collator(collate.tokenizer, max_length)
+    texts = ["a small red circle left of a large blue square. the word cat is written.", "", "a large star."]
+    input_ids, attention_mask = collate.tokenize(texts)
+    for row, text in enumerate(texts):
+        alone, _ = collate.encode(TextExample("contrastive", "", text))
+        assert input_ids[row, : len(alone)].tolist() == alone and attention_mask[row].sum() == len(alone)
+    assert input_ids.shape[1] == min(max_length, attention_mask.sum(1).max())
 
 
 def test_vqa_targets_are_answers_of_the_sample(tiny_benchmark):

@@ -97,8 +97,12 @@ class Collator:
         return texts, image_index
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) of plain texts laid out as contrastive examples (for evaluation prompts)."""
-        input_ids, attention_mask, _ = self._pad([self.encode(TextExample("contrastive", "", t)) for t in texts])
+        """(input_ids, attention_mask) of plain texts laid out as contrastive examples, ``[BOS] text [EOS]`` truncated
+        as `encode` truncates (hard negatives, evaluation prompts), in one batched tokenizer call: per-text calls
+        were a third of a CLIP batch's loading time with four negatives per pair."""
+        words = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        rows = [self._truncated([self.start_id, *ids, self.end_id], [IGNORE_INDEX] * (len(ids) + 2)) for ids in words]
+        input_ids, attention_mask, _ = self._pad(rows)
         return input_ids, attention_mask
 
     def prompts(self, prompts: list[str], system: str = "", history: Sequence[tuple[str, str]] = ()
@@ -162,12 +166,14 @@ class Collator:
         if text.task != "contrastive" and has_chat_template(self.tokenizer):
             ids, labels = chat_ids(self.tokenizer, turns, text.system or None, supervised)
             return ids[: self.max_length], labels[: self.max_length]
-        ids, labels = self._plain_ids(turns, supervised, text.system)
-        if len(ids) > self.max_length:  # keep the end token, labelled if it replaces a labelled token
-            cut = self.max_length - 1
-            ids, labels = ids[:cut] + [self.end_id], labels[:cut] + [self.end_id if labels[cut] != IGNORE_INDEX
-                                                                     else IGNORE_INDEX]
-        return ids, labels
+        return self._truncated(*self._plain_ids(turns, supervised, text.system))
+
+    def _truncated(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """At most `max_length` tokens, the end token kept (labelled if it replaces a labelled token)."""
+        if len(ids) <= self.max_length:
+            return ids, labels
+        cut = self.max_length - 1
+        return ids[:cut] + [self.end_id], labels[:cut] + [self.end_id if labels[cut] != IGNORE_INDEX else IGNORE_INDEX]
 
     def _plain_ids(self, turns: Sequence[tuple[str, str | None]], supervised: Sequence[bool], system: str = ""
                    ) -> tuple[list[int], list[int]]:

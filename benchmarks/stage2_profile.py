@@ -20,11 +20,9 @@ import time
 from collections import defaultdict
 
 import torch
-import yaml
 
 from lightning_vlm.callbacks import StagedFreezing
-from lightning_vlm.cli import load_model
-from lightning_vlm.data.datamodule import ShardDataModule
+from lightning_vlm.cli import VLMCLI
 
 
 def timed_parts(model: torch.nn.Module, totals: dict[str, float]) -> None:
@@ -55,14 +53,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    paradigm = load_model(args.config, None, "--data.init_args.root", args.root, *args.overrides).train()
-    recipe = yaml.safe_load(open(args.config))
-    plan = next(c["init_args"]["phases"] for c in recipe["trainer"]["callbacks"]
-                if c["class_path"].endswith("StagedFreezing"))
-    StagedFreezing(plan).apply(paradigm, args.phase)
-    data = recipe["data"]["init_args"]
-    datamodule = ShardDataModule(root=args.root, tasks=data["tasks"], batch_size=args.batch_size,
-                                 system_prompt=data.get("system_prompt", ""))
+    cli = VLMCLI(args=["--config", args.config, "--model.init_args.init_from", "[]", "--trainer.logger", "false",
+                       "--data.init_args.root", args.root, "--data.init_args.batch_size", str(args.batch_size),
+                       "--data.init_args.num_workers", "0", *args.overrides], run=False, trainer_defaults={})
+    paradigm, datamodule = cli.model.train(), cli.datamodule  # the overrides reach the model, data and plan alike
+    next(c for c in cli.trainer.callbacks if isinstance(c, StagedFreezing)).apply(paradigm, args.phase)
     datamodule.trainer = type("T", (), {"lightning_module": paradigm, "global_rank": 0, "world_size": 1,
                                         "current_epoch": 0})()
     datamodule.setup("fit")

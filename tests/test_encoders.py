@@ -102,6 +102,34 @@ def test_text_encoder_from_config(pooling: str) -> None:
     assert not torch.allclose(out.pooled[0], hidden[0, 1], atol=1e-3)  # pooling reads one position, not any
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_length_buckets_encode_short_rows_short_and_equal_the_whole_batch(pooling: str) -> None:
+    torch.manual_seed(0)
+    whole = TextEncoder(vocab_size=VOCAB, pooling=pooling).eval()
+    bucketed = TextEncoder(vocab_size=VOCAB, pooling=pooling, length_buckets=2).eval()
+    bucketed.load_state_dict(whole.state_dict())
+    ids, _ = _text_batch(n=4, length=9)
+    mask = (torch.arange(9) < torch.tensor([[9], [3], [7], [2]])).long()
+    shapes = []
+    bucketed.model.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    expected, out = whole(ids, mask), bucketed(ids, mask)
+    assert shapes == [(2, 3), (2, 9)]  # rows 3, 1 (lengths 2, 3) and rows 2, 0 (lengths 7, 9)
+    assert torch.allclose(out.pooled, expected.pooled, atol=1e-5)
+    real = mask.bool()
+    assert torch.allclose(out.tokens[real], expected.tokens[real], atol=1e-5)
+    out.pooled.sum().backward()
+    expected.pooled.sum().backward()
+    for (name, a), b in zip(bucketed.named_parameters(), whole.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    left_padded = mask.flip(1)
+    shapes.clear()
+    bucketed(ids, left_padded)
+    assert shapes == [(4, 9)]  # trimming would cut real tokens: encoded whole
+    with pytest.raises(ValueError, match="length_buckets"):
+        TextEncoder(vocab_size=VOCAB, length_buckets=0)
+
+
 def test_text_encoder_from_pretrained_folder(tmp_path) -> None:
     """The from_pretrained path (as for all-MiniLM-L6-v2) on a saved tiny model; a larger tokenizer resizes."""
     built = TextEncoder(vocab_size=VOCAB).eval()

@@ -11,6 +11,7 @@ from lightning_vlm.losses import (
     LlipLoss,
     LossOutput,
     SigLIPLoss,
+    caption_keys,
     clip_loss,
     scale_logits,
     sigmoid_pair_loss,
@@ -81,6 +82,51 @@ def test_siglip_loss_with_hard_negatives_counts_them_as_negative_pairs() -> None
     scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
     expected = _reference_sigmoid(10.0 * img @ torch.cat([txt, neg[valid]]).T - 10.0, offset=0)
     assert siglip_loss(img, txt, scale, bias, neg, valid).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_caption_keys_match_exactly_the_same_real_tokens() -> None:
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 9, 9], [5, 6, 8, 0, 0], [5, 6, 7, 0, 0], [5, 6, 7, 0, 3]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    keys = caption_keys(ids, mask).tolist()
+    assert keys[0] == keys[1] == keys[4]  # padding ids never count
+    assert len({keys[0], keys[2], keys[3]}) == 3  # another token; a real token 0 is not padding
+    assert caption_keys(ids[:1, :3], mask[:1, :3]).item() == keys[0]  # the padded width does not matter
+
+
+def _reference_deduplicated(img, txt, neg, keys, neg_keys, t, bias=None) -> float:
+    """Per-row losses written out, every column whose caption equals the row's own (bar its positive) skipped:
+    CLIP (both directions) when `bias` is None, else SigLIP's sigmoid over the remaining pairs."""
+    columns, column_keys = torch.cat([txt, neg]), keys + neg_keys
+    n, total = img.shape[0], 0.0
+    for i in range(n):
+        kept = [j for j, key in enumerate(column_keys) if j == i or key != keys[i]]
+        row = {j: t * float(img[i] @ columns[j]) + (bias or 0.0) for j in kept}
+        if bias is not None:
+            total += sum(-math.log(1 / (1 + math.exp(-(1 if j == i else -1) * z))) for j, z in row.items())
+            continue
+        col = {j: t * float(txt[i] @ img[j]) for j in range(n) if j == i or keys[j] != keys[i]}
+        total += -(row[i] - math.log(sum(math.exp(r) for r in row.values()))) / 2
+        total += -(col[i] - math.log(sum(math.exp(c) for c in col.values()))) / 2
+    return total / n
+
+
+def test_copies_of_a_caption_are_not_its_negatives() -> None:
+    """Captions 0 and 3 are one text, and negative 1 spells caption 2: those pairs leave the loss, both ways."""
+    img, txt = _embeddings(seed=7)
+    txt[3] = txt[0]
+    neg = _embeddings(n=4, seed=8)[0]
+    neg[1] = txt[2]
+    keys, neg_keys = [10, 11, 12, 10, 14, 15], [20, 12, 22, 23]
+    t, scale, bias = 10.0, torch.tensor(math.log(10.0)), torch.tensor(-2.0)  # a bias at which negatives weigh
+    as_tensors = torch.tensor(keys), torch.tensor(neg_keys)
+    clip = clip_loss(img, txt, scale, neg, None, *as_tensors).item()
+    assert clip == pytest.approx(_reference_deduplicated(img, txt, neg, keys, neg_keys, t), rel=1e-5)
+    assert clip != pytest.approx(clip_loss(img, txt, scale, neg).item(), rel=1e-3)
+    siglip = siglip_loss(img, txt, scale, bias, neg, None, *as_tensors).item()
+    assert siglip == pytest.approx(_reference_deduplicated(img, txt, neg, keys, neg_keys, t, -2.0), rel=1e-5)
+    assert siglip != pytest.approx(siglip_loss(img, txt, scale, bias, neg).item(), rel=1e-3)
+    without_negatives = clip_loss(img, txt, scale, text_keys=as_tensors[0]).item()
+    assert without_negatives == pytest.approx(_reference_deduplicated(img, txt, neg[:0], keys, [], t), rel=1e-5)
 
 
 def test_clip_loss_of_identical_embeddings_is_ln_n() -> None:

@@ -44,12 +44,12 @@ class TinyTowers(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-2.0)) if bias else None
 
-    def forward(
-        self, images: Tensor, texts: Tensor, negatives: Tensor | None = None, valid: Tensor | None = None
-    ) -> ContrastiveOutput:
+    def forward(self, images: Tensor, texts: Tensor, negatives: Tensor | None = None, valid: Tensor | None = None,
+                text_keys: Tensor | None = None, negative_keys: Tensor | None = None) -> ContrastiveOutput:
         image_emb, text_emb = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
         negative_emb = None if negatives is None else F.normalize(self.text(negatives), dim=-1)
-        return ContrastiveOutput(image_emb, text_emb, self.logit_scale, self.logit_bias, negative_emb, valid)
+        return ContrastiveOutput(image_emb, text_emb, self.logit_scale, self.logit_bias, negative_emb, valid,
+                                 text_keys, negative_keys)
 
 
 class LlipWithNegatives(nn.Module):
@@ -70,9 +70,15 @@ def _tokens(n: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def _copy_captions(captions: Tensor, negatives: Tensor) -> None:
+    """Captions 1 (rank 0) and 6 (rank 1) one text, and rank 1's negative 12 spelling caption 2 (rank 0): copies of a
+    caption are no negatives of it, which takes keys gathered across ranks."""
+    captions[6], negatives[12] = captions[1], captions[2]
+
+
 def _case(name: str) -> tuple[nn.Module, nn.Module, tuple[Tensor, ...]]:
     """The same seeded model, loss and global batch in every process; "+negatives" adds NEGATIVES hard-negative
-    captions per pair, one padded slot among them (valid False)."""
+    captions per pair, one padded slot among them (valid False), and copies of captions across ranks."""
     torch.manual_seed(0)
     paradigm, negatives = name.split("+")[0], name.endswith("+negatives")
     valid = torch.ones(GLOBAL_BATCH * NEGATIVES, dtype=torch.bool)
@@ -83,10 +89,18 @@ def _case(name: str) -> tuple[nn.Module, nn.Module, tuple[Tensor, ...]]:
         model = Llip(vision, TextEncoder(vocab_size=VOCAB, config={"num_hidden_layers": 1}), embed_dim=16)
         inputs = (torch.randn(GLOBAL_BATCH, 3, 16, 16), *_tokens(GLOBAL_BATCH))
         extra = (*_tokens(GLOBAL_BATCH * NEGATIVES), valid) if negatives else ()
+        if negatives:
+            for captions, copies in zip(inputs[1:], extra[:2]):  # ids and mask alike
+                _copy_captions(captions, copies)
         return LlipWithNegatives(model).eval(), LlipLoss(), inputs + extra  # eval: no dropout
     loss = CLIPLoss() if paradigm == "clip" else SigLIPLoss()
     inputs = (torch.randn(GLOBAL_BATCH, 6), torch.randn(GLOBAL_BATCH, 5))
-    extra = (torch.randn(GLOBAL_BATCH * NEGATIVES, 5), valid) if negatives else ()
+    extra = ()
+    if negatives:
+        texts, keys = torch.randn(GLOBAL_BATCH * NEGATIVES, 5), torch.arange(GLOBAL_BATCH * (1 + NEGATIVES))
+        _copy_captions(inputs[1], texts)
+        _copy_captions(keys[:GLOBAL_BATCH], keys[GLOBAL_BATCH:])
+        extra = (texts, valid, keys[:GLOBAL_BATCH], keys[GLOBAL_BATCH:])
     return TinyTowers(bias=paradigm == "siglip"), loss, inputs + extra
 
 

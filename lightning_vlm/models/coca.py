@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
-from lightning_vlm.losses.contrastive import scale_logits
+from lightning_vlm.losses.contrastive import caption_keys, scale_logits
 from lightning_vlm.models.contrastive import ContrastiveHeads, ContrastiveOutput
 from lightning_vlm.models.cross_attention import CrossAttentionLM, MediaCrossAttention
 
@@ -75,7 +75,7 @@ class CoCa(CrossAttentionLM):
         pair, the labelled text (captions and answers) for the captioning loss."""
         image = self.vision(pixel_values).patch_tokens
         contrastive = ContrastiveOutput(self._image_embedding(image), self.encode_texts(caption_ids, caption_mask),
-                                        self.heads.logit_scale, None)
+                                        self.heads.logit_scale, None, text_keys=caption_keys(caption_ids, caption_mask))
         return CoCaOutput(contrastive, self.text_loss(self.caption_pooler(image), input_ids, attention_mask, labels))
 
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:

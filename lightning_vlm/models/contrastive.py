@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, TextOutput, VisionEncoder, VisionOutput
-from lightning_vlm.losses.contrastive import scale_logits, text_columns
+from lightning_vlm.losses.contrastive import caption_keys, scale_logits, text_columns
 
 
 @dataclass
@@ -42,11 +42,16 @@ class HardNegatives:
         real = encode_texts(ids[:, :length], mask[:, :length])[: len(rows)]
         return real.new_zeros(len(self.valid), real.shape[-1]).index_copy(0, rows, real)
 
+    def keys(self) -> Tensor:
+        """(M,) caption keys (`caption_keys`): a negative that spells another pair's caption is not its negative."""
+        return caption_keys(self.input_ids, self.attention_mask)
+
 
 @dataclass
 class ContrastiveOutput:
     """image_emb, text_emb: (B, E) L2-normalised; logit_scale: log of the temperature t; logit_bias: b or None;
-    negative_emb (M, E) hard-negative captions and negative_valid (M,) their mask, when the batch has them."""
+    negative_emb (M, E) hard-negative captions and negative_valid (M,) their mask, when the batch has them;
+    text_keys (B,) and negative_keys (M,) caption keys, so that copies of a caption are not its negatives."""
 
     image_emb: Tensor
     text_emb: Tensor
@@ -54,12 +59,15 @@ class ContrastiveOutput:
     logit_bias: Tensor | None
     negative_emb: Tensor | None = None
     negative_valid: Tensor | None = None
+    text_keys: Tensor | None = None
+    negative_keys: Tensor | None = None
 
 
 @dataclass
 class LlipOutput:
     """logits: (B_local, B_global [+ M_global]) scaled and biased, local images against the captions of every
-    rank in rank order, then every rank's hard negatives; column_valid masks padded negatives (None without)."""
+    rank in rank order, then every rank's hard negatives; column_valid (broadcasting to the logits) masks padded
+    negatives and copies of a row's caption (None when every pair counts)."""
 
     logits: Tensor
     logit_scale: Tensor
@@ -111,10 +119,13 @@ class DualEncoder(nn.Module):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 negatives: HardNegatives | None = None) -> ContrastiveOutput:
         """Embed both modalities of a batch of pairs (and its hard-negative captions); the loss gathers across ranks."""
-        return self.embed(self.vision(pixel_values), self.text(input_ids, attention_mask), negatives)
+        return self.embed(self.vision(pixel_values), self.text(input_ids, attention_mask), negatives,
+                          caption_keys(input_ids, attention_mask))
 
-    def embed(self, image: VisionOutput, text: TextOutput, negatives: HardNegatives | None = None) -> ContrastiveOutput:
-        """The contrastive output of encoded images and captions (and the batch's hard negatives, encoded here)."""
+    def embed(self, image: VisionOutput, text: TextOutput, negatives: HardNegatives | None = None,
+              text_keys: Tensor | None = None) -> ContrastiveOutput:
+        """The contrastive output of encoded images and captions (and the batch's hard negatives, encoded here);
+        `text_keys` (`caption_keys` of the captions) keep copies of a caption from being its negatives."""
         return ContrastiveOutput(
             F.normalize(self.heads.image_proj(image.pooled), dim=-1),
             self.heads.embed_text(text.pooled),
@@ -122,6 +133,8 @@ class DualEncoder(nn.Module):
             self.heads.logit_bias,
             None if negatives is None else negatives.encode(self.encode_texts),
             None if negatives is None else negatives.valid,
+            text_keys,
+            None if negatives is None or text_keys is None else negatives.keys(),
         )
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -191,7 +204,9 @@ class Llip(nn.Module):
         """Local images against the captions (then hard negatives) of all ranks, gathered with gradients."""
         negative_emb = None if negatives is None else negatives.encode(self.encode_texts)
         columns, valid = text_columns(self.encode_texts(input_ids, attention_mask), negative_emb,
-                                      None if negatives is None else negatives.valid)
+                                      None if negatives is None else negatives.valid,
+                                      caption_keys(input_ids, attention_mask),
+                                      None if negatives is None else negatives.keys())
         logits = self.similarity(self.encode_images(pixel_values), columns)
         return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias, valid)
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
+from lightning_vlm.losses.contrastive import caption_keys
 from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
@@ -85,7 +86,7 @@ class FLAVA(DualEncoder):
         if modality == "text":
             return self.text_only(input_ids, attention_mask)
         image, text = self.vision(pixel_values), self.text(input_ids, attention_mask)
-        contrastive = self.embed(image, text, negatives)
+        contrastive = self.embed(image, text, negatives, caption_keys(input_ids, attention_mask))
         masked = self.masking(self.vision, self.text, pixel_values, input_ids, attention_mask)
         target, patch_mask = self.masking.image_target(pixel_values), masked.image.patch_mask
         mlm_labels = masked.mlm_labels

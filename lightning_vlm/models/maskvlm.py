@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses.qformer import mine_pair_negatives
+from lightning_vlm.losses.contrastive import caption_keys
 from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
@@ -71,7 +72,7 @@ class MaskVLM(DualEncoder):
             raise ValueError(f"MaskVLM recovers each modality from the other: it trains on pairs, not {modality}-only "
                              "batches (FLAVA takes those)")
         image, text = self.vision(pixel_values), self.text(input_ids, attention_mask)
-        contrastive = self.embed(image, text, negatives)
+        contrastive = self.embed(image, text, negatives, caption_keys(input_ids, attention_mask))
         masked = self.masking(self.vision, self.text, pixel_values, input_ids, attention_mask)
         padding = attention_mask == 0
         image_given_text = self.image_cross(masked.image.tokens, text.tokens, other_padding=padding)

@@ -218,6 +218,26 @@ def test_llip_conditioning_matches_per_pair_attention() -> None:
     assert torch.allclose(model.similarity(images, texts), expected, atol=1e-5)
 
 
+def test_llip_pools_mixture_tokens_from_a_cnn() -> None:
+    """A CNN appends no tokens: K learned queries over its feature map give the mixture tokens instead."""
+    torch.manual_seed(0)
+    cnn = VisionEncoder("resnet10t", overrides=CNN)
+    model = Llip(cnn, TextEncoder(vocab_size=VOCAB), embed_dim=32, num_heads=4, num_mixture_tokens=3).eval()
+    pixels, (ids, mask) = torch.randn(2, 3, 64, 64), _text_batch()
+    images = model.encode_images(pixels)
+    assert images.shape == (2, 3, 32)  # 3 mixture tokens read from the 2 x 2 map
+    expected = model.heads.image_proj(model.mixture_pool(cnn(pixels).tokens))
+    assert torch.allclose(images, expected, atol=1e-6)
+    out = model(pixels[:2].repeat(2, 1, 1, 1)[:3], ids, mask)
+    assert torch.allclose(model.similarity(model.encode_images(pixels[:2].repeat(2, 1, 1, 1)[:3]),
+                                          model.encode_texts(ids, mask)), out.logits, atol=1e-5)
+    assert list(model.layer_groups()) == ["vision", "text", "mixture_pool", "heads", "mixture_attn"]
+    out.logits.sum().backward()
+    assert model.mixture_pool.queries.grad is not None and cnn.model.conv1[0].weight.grad is not None
+    with pytest.raises(ValueError, match="exactly one"):
+        Llip(*_towers(extra=4), num_mixture_tokens=3)
+
+
 def test_cnn_runs_channels_last_with_the_same_outputs() -> None:
     torch.manual_seed(0)
     cnn = VisionEncoder("resnet10t", overrides=CNN)

@@ -68,28 +68,26 @@ def text_columns(
     text_keys: Tensor | None = None,
     negative_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Every rank's captions, then every rank's hard negatives (gathered with gradients), and which columns count
-    for which local row: None when all do, else a bool mask broadcasting to (n_local, n_columns). Padded
-    negatives never count; with `text_keys`, a column holding a copy of a row's own caption does not count for
-    that row (its own positive always does)."""
+    """Every rank's captions, then every rank's real hard negatives (gathered with gradients; padded slots,
+    ``negative_valid`` False, are left out), and which columns count for which local row: None when all do, else
+    a (n_local, n_columns) bool mask that, given `text_keys`, hides the copies of a row's own caption (its own
+    positive always counts)."""
     columns = gather_with_grad(text_emb)
     keys = None if text_keys is None else gather_with_grad(text_keys)
-    valid = None
     if negative_emb is not None:
         if negative_valid is None:
             negative_valid = torch.ones(negative_emb.shape[0], dtype=torch.bool, device=negative_emb.device)
         real = gather_with_grad(negative_valid.to(negative_emb.dtype)) > 0.5  # float: gloo gathers no bools
-        valid = torch.cat([torch.ones(columns.shape[0], dtype=torch.bool, device=real.device), real])
-        columns = torch.cat([columns, gather_with_grad(negative_emb)])
+        columns = torch.cat([columns, gather_with_grad(negative_emb)[real]])
         if keys is not None:
             unknown = torch.full((negative_emb.shape[0],), -1, dtype=keys.dtype, device=keys.device)
-            keys = torch.cat([keys, gather_with_grad(unknown if negative_keys is None else negative_keys)])
+            keys = torch.cat([keys, gather_with_grad(unknown if negative_keys is None else negative_keys)[real]])
     if keys is None:
-        return columns, valid
+        return columns, None
     rows = torch.arange(text_keys.shape[0], device=keys.device)
     distinct = text_keys[:, None] != keys[None, :]
     distinct[rows, rows + rank_offset(len(rows))] = True
-    return columns, distinct if valid is None else distinct & valid
+    return columns, distinct
 
 
 def clip_loss(
@@ -111,10 +109,9 @@ def clip_loss(
     columns, valid = text_columns(text_emb, negative_emb, negative_valid, text_keys, negative_keys)
     logits_per_image = scale_logits(image_emb @ columns.T, logit_scale)
     logits_per_text = scale_logits(text_emb @ gather_with_grad(image_emb).T, logit_scale)
-    if valid is not None:
+    if valid is not None:  # the caption columns' mask is symmetric: copies of caption i <-> their images
         logits_per_image = logits_per_image.masked_fill(~valid, float("-inf"))
-        if text_keys is not None:  # the caption columns' mask is symmetric: copies of caption i <-> their images
-            logits_per_text = logits_per_text.masked_fill(~valid[:, : logits_per_text.shape[1]], float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(~valid[:, : logits_per_text.shape[1]], float("-inf"))
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
@@ -122,8 +119,7 @@ def sigmoid_pair_loss(logits: Tensor, positive_offset: int, valid: Tensor | None
     """SigLIP's loss on (n_local, n_columns) pair logits whose positives sit at (i, positive_offset + i).
 
     -sum_ij log sigmoid(z_ij * logits_ij) / n_local, with z = +1 for positives and -1 otherwise; pairs with
-    ``valid`` False (padded hard negatives, copies of the row's caption; (n_columns,) or (n_local, n_columns))
-    count nothing.
+    ``valid`` False (copies of the row's caption; any mask broadcasting to the logits) count nothing.
     """
     rows = torch.arange(logits.shape[0], device=logits.device)
     signs = torch.full_like(logits, -1.0)

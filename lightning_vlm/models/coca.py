@@ -16,23 +16,9 @@ from torch import Tensor, nn
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.losses.contrastive import caption_keys, scale_logits
+from lightning_vlm.models.attention_pool import AttentionPooler
 from lightning_vlm.models.contrastive import ContrastiveHeads, ContrastiveOutput
 from lightning_vlm.models.cross_attention import CrossAttentionLM, MediaCrossAttention
-
-
-class AttentionPooler(nn.Module):
-    """`num_queries` learned queries cross-attend to the image tokens (CoCa's attentional pooling)."""
-
-    def __init__(self, width_in: int, width: int, num_queries: int, num_heads: int) -> None:
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
-        self.attention = nn.MultiheadAttention(width, num_heads, kdim=width_in, vdim=width_in, batch_first=True)
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, N, D_in) -> (B, num_queries, width)."""
-        queries = self.queries.expand(tokens.shape[0], -1, -1)
-        return self.norm(self.attention(queries, tokens, tokens, need_weights=False)[0])
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, TextOutput, VisionEncoder, VisionOutput
 from lightning_vlm.losses.contrastive import caption_keys, scale_logits, text_columns
+from lightning_vlm.models.attention_pool import AttentionPooler
 
 
 @dataclass
@@ -66,8 +67,8 @@ class ContrastiveOutput:
 @dataclass
 class LlipOutput:
     """logits: (B_local, B_global [+ M_global]) scaled and biased, local images against the captions of every
-    rank in rank order, then every rank's hard negatives; column_valid (broadcasting to the logits) masks padded
-    negatives and copies of a row's caption (None when every pair counts)."""
+    rank in rank order, then every rank's real hard negatives; column_valid (B_local, n_columns) masks the copies
+    of a row's caption (None when every pair counts)."""
 
     logits: Tensor
     logit_scale: Tensor
@@ -168,18 +169,26 @@ class MixtureCrossAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, mixture: Tensor, queries: Tensor) -> Tensor:
-        """mixture (I, K, E), queries (T, E) -> (I, T, E): one image embedding per (image, caption) pair."""
+        """mixture (I, K, E), queries (T, E) -> (I, T, E): one image embedding per (image, caption) pair.
+
+        The output projection is linear, so it maps each image's K value tokens (per head) once instead of the
+        I x T mixed ones: out(concat_h sum_k a_hk v_hk) = sum_hk a_hk (W_out^h v_hk) + b, 4x fewer multiplies.
+        """
         q = self.q(queries).unflatten(-1, (self.num_heads, -1))  # (T, h, d)
         k = self.k(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         v = self.v(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
+        values = torch.einsum("ikhd,ehd->ihke", v, self.out.weight.unflatten(1, (self.num_heads, -1)))
         weights = (torch.einsum("thd,ikhd->ithk", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
-        return self.out(torch.einsum("ithk,ikhd->ithd", weights, v).flatten(-2))
+        return torch.bmm(weights.flatten(2), values.flatten(1, 2)) + self.out.bias
 
 
 class Llip(nn.Module):
     """Llip (Lavoie et al., 2024): K mixture tokens from the image encoder, mixed per caption by cross-attention.
 
-    The caption-conditioned image embedding is contrasted with the caption by the sigmoid loss (LlipLoss).
+    The caption-conditioned image embedding is contrasted with the caption by the sigmoid loss (LlipLoss). The
+    mixture tokens are the outputs of K learnable tokens appended to a ViT (`VisionEncoder(num_extra_tokens=K)`,
+    the paper's design) or, for an encoder that takes no extra tokens (a CNN), K learned queries attending over
+    its output tokens (`num_mixture_tokens=K`, an attentional pooler as in CoCa).
     """
 
     def __init__(
@@ -190,12 +199,17 @@ class Llip(nn.Module):
         num_heads: int = 2,
         logit_scale_init: float = math.log(10.0),
         logit_bias_init: float = -10.0,
+        num_mixture_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        if vision.extra_tokens is None:
-            raise ValueError("Llip needs VisionEncoder(num_extra_tokens=K) to provide mixture tokens")
+        if (vision.extra_tokens is None) == (num_mixture_tokens is None):
+            raise ValueError("Llip takes its mixture tokens from VisionEncoder(num_extra_tokens=K) on a ViT or from "
+                             "num_mixture_tokens=K learned queries over the encoder's tokens: give exactly one")
         self.vision = vision
         self.text = text
+        self.mixture_pool = None
+        if num_mixture_tokens is not None:
+            self.mixture_pool = AttentionPooler(vision.width, vision.width, num_mixture_tokens, num_heads)
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads)
 
@@ -212,7 +226,9 @@ class Llip(nn.Module):
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, K, E) projected mixture tokens (not yet conditioned on a caption)."""
-        return self.heads.image_proj(self.vision(pixel_values).extra_tokens)
+        image = self.vision(pixel_values)
+        mixture = image.extra_tokens if self.mixture_pool is None else self.mixture_pool(image.tokens)
+        return self.heads.image_proj(mixture)
 
     def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(N, L) -> (N, E) normalised caption embeddings."""
@@ -225,10 +241,12 @@ class Llip(nn.Module):
         return scale_logits(cosine, self.heads.logit_scale, self.heads.logit_bias)
 
     def _cosine(self, mixture: Tensor, captions: Tensor) -> Tensor:
-        """Cosine between each caption and the image embedding conditioned on that caption: (I, T)."""
-        image = F.normalize(self.mixture_attn(mixture, captions), dim=-1)
-        return torch.einsum("ite,te->it", image, captions)
+        """Cosine between each caption and the image embedding conditioned on that caption: (I, T); the (I, T, E)
+        embeddings are divided by their norms after the dot product, not before (F.normalize's eps kept)."""
+        image = self.mixture_attn(mixture, captions)
+        return torch.einsum("ite,te->it", image, captions) / image.norm(dim=-1).clamp_min(1e-12)
 
     def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing (the mixture tokens belong to "vision")."""
-        return {"vision": self.vision, "text": self.text, "heads": self.heads, "mixture_attn": self.mixture_attn}
+        """Named parts for staged freezing (appended mixture tokens belong to "vision", a pooler is its own part)."""
+        pool = {} if self.mixture_pool is None else {"mixture_pool": self.mixture_pool}
+        return {"vision": self.vision, "text": self.text, **pool, "heads": self.heads, "mixture_attn": self.mixture_attn}

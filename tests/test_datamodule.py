@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_vlm.data.collate import IGNORE_INDEX, Collator
+from lightning_vlm.data.collate import IGNORE_INDEX, Collator, Example
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.sources import ShardSource
@@ -77,6 +77,22 @@ def test_batched_tokenize_lays_out_each_text_as_encoding_it_alone_does(tiny_benc
         alone, _ = collate.encode(TextExample("contrastive", "", text))
         assert input_ids[row, : len(alone)].tolist() == alone and attention_mask[row].sum() == len(alone)
     assert input_ids.shape[1] == min(max_length, attention_mask.sum(1).max())
+
+
+def test_a_mixed_batch_collates_each_text_as_encoding_it_alone_does(tiny_benchmark):
+    """Plain captions are tokenised together in one call, every other text alone: the rows, labels and padding
+    must be those of `encode` on each text, in the batch's order."""
+    collate = ShardDataModule(root=tiny_benchmark).eval_loader("val").dataset.collate
+    texts = [TextExample("contrastive", "", "a large star."), TextExample("vqa", "what shape?", "star"),
+             TextExample("contrastive", "", "a small red circle left of a large blue square."),
+             TextExample("contrastive", "", "a cross.", system="describe")]
+    batch = collate([Example(torch.zeros(3, 8, 8), text) for text in texts])
+    for row, text in enumerate(texts):
+        ids, labels = collate.encode(text)
+        n = len(ids)
+        assert batch["input_ids"][row, :n].tolist() == ids and batch["labels"][row, :n].tolist() == labels
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert (batch["input_ids"][row, n:] == collate.pad_id).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
 
 
 def test_vqa_targets_are_answers_of_the_sample(tiny_benchmark):

@@ -63,7 +63,7 @@ class Collator:
 
     def __call__(self, examples: list[Example], num_skipped: int = 0, num_read_errors: int = 0) -> dict:
         texts, image_index = self._with_demonstrations([ex.text for ex in examples])
-        input_ids, attention_mask, labels = self._pad([self.encode(text) for text in texts])
+        input_ids, attention_mask, labels = self._pad(self._encode_all(texts))
         batch = {
             "pixel_values": torch.stack([ex.pixel_values for ex in examples]),
             "input_ids": input_ids,
@@ -100,10 +100,21 @@ class Collator:
         """(input_ids, attention_mask) of plain texts laid out as contrastive examples, ``[BOS] text [EOS]`` truncated
         as `encode` truncates (hard negatives, evaluation prompts), in one batched tokenizer call: per-text calls
         were a third of a CLIP batch's loading time with four negatives per pair."""
-        words = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        rows = [self._truncated([self.start_id, *ids, self.end_id], [IGNORE_INDEX] * (len(ids) + 2)) for ids in words]
-        input_ids, attention_mask, _ = self._pad(rows)
+        input_ids, attention_mask, _ = self._pad(self._caption_rows(texts))
         return input_ids, attention_mask
+
+    def _caption_rows(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """`encode`'s (ids, labels) of contrastive captions without a system prompt, in one tokenizer call."""
+        words = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        return [self._truncated([self.start_id, *ids, self.end_id], [IGNORE_INDEX] * (len(ids) + 2)) for ids in words]
+
+    def _encode_all(self, texts: list[TextExample]) -> list[tuple[list[int], list[int]]]:
+        """`encode` of every text; the plain contrastive captions among them batched into one tokenizer call."""
+        rows: list = [None] * len(texts)
+        captions = [i for i, text in enumerate(texts) if text.task == "contrastive" and not text.system]
+        for i, row in zip(captions, self._caption_rows([texts[i].target for i in captions])):
+            rows[i] = row
+        return [row if row is not None else self.encode(text) for row, text in zip(rows, texts)]
 
     def prompts(self, prompts: list[str], system: str = "", history: Sequence[tuple[str, str]] = ()
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,18 +157,18 @@ class Collator:
 
     def _pad(self, rows: list[tuple[list[int], list[int]]], left: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, labels) rows padded to one length, on the right (training) or the left (generation prompts)."""
+        """(ids, labels) rows padded to one length, on the right (training) or the left (generation prompts); empty
+        labels mean none. Padded as lists and converted once: a tensor per row was a tenth of a batch's loading."""
         length = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, lab) in enumerate(rows):
-            span = slice(length - len(ids), length) if left else slice(0, len(ids))
-            input_ids[i, span] = torch.tensor(ids)
-            if lab:
-                labels[i, span] = torch.tensor(lab)
-            attention_mask[i, span] = 1
-        return input_ids, attention_mask, labels
+
+        def padded(values: list[int], fill: int) -> list[int]:
+            padding = [fill] * (length - len(values))
+            return padding + values if left else values + padding
+
+        input_ids = [padded(ids, self.pad_id) for ids, _ in rows]
+        attention_mask = [padded([1] * len(ids), 0) for ids, _ in rows]
+        labels = [padded(lab or [IGNORE_INDEX] * len(ids), IGNORE_INDEX) for ids, lab in rows]
+        return tuple(torch.tensor(part, dtype=torch.long) for part in (input_ids, attention_mask, labels))
 
     def encode(self, text: TextExample) -> tuple[list[int], list[int]]:
         """Token ids and labels of one example, truncated to `max_length` (the end token is kept; a chat is cut

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -73,3 +74,31 @@ def test_fit_logs_losses_and_the_eval_suite_per_split(tiny_benchmark, tmp_path):
                 f"{split}/binding_all"} <= set(metrics)
     assert 0.0 <= metrics["val/i2t_r5"] <= 1.0 and torch.isfinite(metrics["train/loss"])
     assert dm.tokenizer is paradigm.tokenizer  # the data side uses the tokenizer the model declares
+
+
+def test_lr_multipliers_give_a_named_parameter_its_own_learning_rate(tiny_benchmark):
+    paradigm = build("siglip", tiny_benchmark)
+    paradigm.lr_multipliers = {"heads.logit_scale": 10.0, "heads.logit_bias": 10.0, "vision": 0.5}
+    groups = {group["name"]: group for group in paradigm.parameter_groups()}
+    heads = paradigm.model.heads
+    assert groups["heads.logit_scale/no_decay"]["params"] == [heads.logit_scale]
+    assert groups["heads.logit_bias/no_decay"]["params"] == [heads.logit_bias]
+    assert groups["heads.logit_scale/no_decay"]["lr"] == pytest.approx(1e-2)
+    assert groups["vision"]["lr"] == pytest.approx(5e-4)
+    assert groups["base"]["lr"] == pytest.approx(1e-3)  # text tower and projections keep the base LR
+    assert {id(p) for p in groups["base"]["params"]} == {id(p) for p in heads.parameters() if p.ndim == 2} | {
+        id(p) for p in paradigm.model.text.parameters() if p.ndim >= 2}
+    paradigm.lr_multipliers = {"heads.logit_sacle": 10.0}
+    with pytest.raises(ValueError, match="logit_sacle"):
+        paradigm.parameter_groups()
+
+
+def test_the_siglip_recipe_trains_its_scale_and_bias_ten_times_faster(tiny_benchmark):
+    from lightning_vlm.cli import load_model
+
+    recipe = Path(__file__).parents[1] / "recipes" / "siglip.yaml"
+    paradigm = load_model(str(recipe), None, "--data.init_args.root", tiny_benchmark,
+                          "--model.init_args.model.init_args.text.init_args.tokenizer", tiny_benchmark)
+    lrs = {group["name"]: group["lr"] for group in paradigm.parameter_groups()}
+    assert lrs == {"base": pytest.approx(2e-3), "base/no_decay": pytest.approx(2e-3),
+                   "heads.logit_scale/no_decay": pytest.approx(2e-2), "heads.logit_bias/no_decay": pytest.approx(2e-2)}

@@ -18,18 +18,20 @@ class VLMParadigm(LightningModule):
 
     Subclasses hold `model` (plain nn.Module) and `loss`; they declare `tokenizer` (their text consumer's) and
     `image_mean` / `image_std` (their vision backbone's) so the DataModule prepares data the way they read it.
-    ``lr_multipliers`` (set by the staged-freezing plan) give named parts of ``model`` their own parameter
-    groups; ``init_from`` loads weights from checkpoints before training (`load_weights`).
+    ``lr_multipliers`` give named parts of ``model`` (a module or a parameter: "vision", "heads.logit_scale") their
+    own parameter groups at LR × factor; the staged-freezing plan adds its phases' on top. ``init_from`` loads
+    weights from checkpoints before training (`load_weights`).
     """
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
-                 init_from: list[WeightsSource] | None = None) -> None:
+                 init_from: list[WeightsSource] | None = None,
+                 lr_multipliers: dict[str, float] | None = None) -> None:
         super().__init__()
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
         self.init_from = list(init_from or [])
-        self.lr_multipliers: dict[str, float] = {}
+        self.lr_multipliers: dict[str, float] = dict(lr_multipliers or {})
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
@@ -73,6 +75,10 @@ class VLMParadigm(LightningModule):
             raise ValueError(f"half-precision parameters would train beside float32 ones: {half[:3]}"
                              f"{' ...' if len(half) > 3 else ''}. A half-precision LM (LanguageModel(dtype=...)) must "
                              f"stay frozen or train through LoRA; unfreeze it only in float32")
+        names = [name for name, _ in self.named_parameters()]
+        unknown = [p for p in parts if not any(n.startswith(f"model.{p}.") or n == f"model.{p}" for n in names)]
+        if unknown:
+            raise ValueError(f"lr_multipliers name no part of the model: {unknown}")
         for name, param in trainable:
             part = next((p for p in parts if name.startswith(f"model.{p}.") or name == f"model.{p}"), "base")
             groups.setdefault((part, param.ndim < 2), []).append(param)

@@ -110,11 +110,9 @@ class Collator:
 
     def _encode_all(self, texts: list[TextExample]) -> list[tuple[list[int], list[int]]]:
         """`encode` of every text; the plain contrastive captions among them batched into one tokenizer call."""
-        rows: list = [None] * len(texts)
         captions = [i for i, text in enumerate(texts) if text.task == "contrastive" and not text.system]
-        for i, row in zip(captions, self._caption_rows([texts[i].target for i in captions])):
-            rows[i] = row
-        return [row if row is not None else self.encode(text) for row, text in zip(rows, texts)]
+        batched = dict(zip(captions, self._caption_rows([texts[i].target for i in captions])))
+        return [batched[i] if i in batched else self.encode(text) for i, text in enumerate(texts)]
 
     def prompts(self, prompts: list[str], system: str = "", history: Sequence[tuple[str, str]] = ()
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,12 +75,15 @@ class VLMParadigm(LightningModule):
             raise ValueError(f"half-precision parameters would train beside float32 ones: {half[:3]}"
                              f"{' ...' if len(half) > 3 else ''}. A half-precision LM (LanguageModel(dtype=...)) must "
                              f"stay frozen or train through LoRA; unfreeze it only in float32")
+        def within(name: str, part: str) -> bool:
+            return name == f"model.{part}" or name.startswith(f"model.{part}.")
+
         names = [name for name, _ in self.named_parameters()]
-        unknown = [p for p in parts if not any(n.startswith(f"model.{p}.") or n == f"model.{p}" for n in names)]
+        unknown = [part for part in parts if not any(within(name, part) for name in names)]
         if unknown:
             raise ValueError(f"lr_multipliers name no part of the model: {unknown}")
         for name, param in trainable:
-            part = next((p for p in parts if name.startswith(f"model.{p}.") or name == f"model.{p}"), "base")
+            part = next((p for p in parts if within(name, p)), "base")
             groups.setdefault((part, param.ndim < 2), []).append(param)
         return [{"params": params, "name": part + ("/no_decay" if no_decay else ""),
                  "lr": self.lr * self.lr_multipliers.get(part, 1.0),

@@ -84,6 +84,18 @@ def test_siglip_loss_with_hard_negatives_counts_them_as_negative_pairs() -> None
     assert siglip_loss(img, txt, scale, bias, neg, valid).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_logits_stay_float32_under_bf16_autocast() -> None:
+    """At t = 100 a bf16 matmul would move logits by ~0.2: both losses must match the float32 reference on the
+    same (bf16-rounded) embeddings, as the trainer's bf16-mixed precision hands them over."""
+    img, txt = (e.bfloat16() for e in _embeddings(n=16, d=64, seed=7))
+    scale, bias = torch.tensor(math.log(100.0)), torch.tensor(-10.0)
+    expected_clip = _reference_clip(img.float(), txt.float(), 100.0)
+    expected_siglip = _reference_sigmoid(100.0 * img.float() @ txt.float().T - 10.0, offset=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert clip_loss(img, txt, scale).item() == pytest.approx(expected_clip, rel=1e-5)
+        assert siglip_loss(img, txt, scale, bias).item() == pytest.approx(expected_siglip, rel=1e-5)
+
+
 def test_caption_keys_match_exactly_the_same_real_tokens() -> None:
     ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 9, 9], [5, 6, 8, 0, 0], [5, 6, 7, 0, 0], [5, 6, 7, 0, 3]])
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])

@@ -247,3 +247,20 @@ def test_cnn_runs_channels_last_with_the_same_outputs() -> None:
     pixels = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(cnn(pixels).tokens, plain(pixels).tokens, rtol=1e-4, atol=1e-5)
     assert not VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT).channels_last
+
+
+def test_unfused_attention_skips_sdpa_and_gives_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    fused = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=2, overrides=TINY_VIT)
+    unfused = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=2, overrides=TINY_VIT, fused_attention=False)
+    unfused.load_state_dict(fused.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = fused(pixels).tokens
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("scaled_dot_product_attention called with fused_attention=False")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+    torch.testing.assert_close(unfused(pixels).tokens, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError, match="fused_attention=False"):
+        fused(pixels)  # the patch is seen by timm: the default path does call SDPA

@@ -39,6 +39,13 @@ def scale_logits(cosine: Tensor, logit_scale: Tensor, logit_bias: Tensor | None 
     return logits if logit_bias is None else logits + logit_bias
 
 
+def cosine_matrix(rows: Tensor, columns: Tensor) -> Tensor:
+    """(n, m) dot products of normalised embeddings, in float32 even under autocast: scaled by up to 100, bf16's
+    8-bit mantissa would blur a logit by ~0.4, more than the margins that tell a caption from its hard negative."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return rows.float() @ columns.float().T
+
+
 def temperature(logit_scale: Tensor) -> Tensor:
     """The multiplier t = exp(logit_scale), the log-scale clamped to [0, ln 100]."""
     return logit_scale.clamp(0.0, LOGIT_SCALE_MAX).exp()
@@ -107,8 +114,8 @@ def clip_loss(
     n = image_emb.shape[0]
     labels = torch.arange(n, device=image_emb.device) + rank_offset(n)
     columns, valid = text_columns(text_emb, negative_emb, negative_valid, text_keys, negative_keys)
-    logits_per_image = scale_logits(image_emb @ columns.T, logit_scale)
-    logits_per_text = scale_logits(text_emb @ gather_with_grad(image_emb).T, logit_scale)
+    logits_per_image = scale_logits(cosine_matrix(image_emb, columns), logit_scale)
+    logits_per_text = scale_logits(cosine_matrix(text_emb, gather_with_grad(image_emb)), logit_scale)
     if valid is not None:  # the caption columns' mask is symmetric: copies of caption i <-> their images
         logits_per_image = logits_per_image.masked_fill(~valid, float("-inf"))
         logits_per_text = logits_per_text.masked_fill(~valid[:, : logits_per_text.shape[1]], float("-inf"))
@@ -145,7 +152,7 @@ def siglip_loss(
     The paper's chunked ring exchange of text shards gives the same value with less peak memory; not needed here.
     """
     columns, valid = text_columns(text_emb, negative_emb, negative_valid, text_keys, negative_keys)
-    logits = scale_logits(image_emb @ columns.T, logit_scale, logit_bias)
+    logits = scale_logits(cosine_matrix(image_emb, columns), logit_scale, logit_bias)
     return sigmoid_pair_loss(logits, rank_offset(image_emb.shape[0]), valid)
 
 

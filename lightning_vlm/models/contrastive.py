@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, TextOutput, VisionEncoder, VisionOutput
-from lightning_vlm.losses.contrastive import caption_keys, scale_logits, text_columns
+from lightning_vlm.losses.contrastive import caption_keys, cosine_matrix, scale_logits, text_columns
 from lightning_vlm.models.attention_pool import AttentionPooler
 
 
@@ -148,7 +148,7 @@ class DualEncoder(nn.Module):
 
     def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
         """(N_img, N_txt) logits exactly as the losses see them (sigmoid of them is SigLIP's match probability)."""
-        return scale_logits(image_repr @ text_repr.T, self.heads.logit_scale, self.heads.logit_bias)
+        return scale_logits(cosine_matrix(image_repr, text_repr), self.heads.logit_scale, self.heads.logit_bias)
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing."""
@@ -244,7 +244,9 @@ class Llip(nn.Module):
         """Cosine between each caption and the image embedding conditioned on that caption: (I, T); the (I, T, E)
         embeddings are divided by their norms after the dot product, not before (F.normalize's eps kept)."""
         image = self.mixture_attn(mixture, captions)
-        return torch.einsum("ite,te->it", image, captions) / image.norm(dim=-1).clamp_min(1e-12)
+        with torch.autocast(image.device.type, enabled=False):  # float32 logits, as in `cosine_matrix`
+            image, captions = image.float(), captions.float()
+            return torch.einsum("ite,te->it", image, captions) / image.norm(dim=-1).clamp_min(1e-12)
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing (appended mixture tokens belong to "vision", a pooler is its own part)."""

@@ -271,6 +271,26 @@ def test_caption_templates_leave_the_attribute_open_and_fill_the_others():
     assert caption_templates("shape", objects) == ["a large blue {}.", "a large red {}.", "a small blue {}.",
                                                    "a small red {}."]
     assert caption_templates("color", objects)[0].format("green") == "a large green circle."
+    with_words = caption_templates("shape", objects, ["cat", "dog", "cat"])
+    assert len(with_words) == 4 * 3 and with_words[:4] == caption_templates("shape", objects)
+    assert with_words[4:6] == ["a large blue {}. the word cat is written.", "a large blue {}. the word dog is written."]
+
+
+def test_word_templates_spell_the_captions_of_images_with_a_word():
+    """A prompt filled with a scene's own attributes and word is exactly its caption, as training saw it."""
+    import random
+
+    from lightning_vlm.data.language import caption
+    from lightning_vlm.data.scenes import sample_scene
+    from lightning_vlm.eval.zero_shot import caption_templates
+
+    rng = random.Random(0)
+    scenes = [scene for scene in (sample_scene(rng) for _ in range(200)) if scene.word and len(scene.objects) == 1]
+    assert scenes
+    for scene in scenes[:5]:
+        obj = vars(scene.objects[0])
+        templates = caption_templates("shape", [obj], [scene.word])
+        assert caption(scene) in [template.format(obj["shape"]) for template in templates]
 
 
 def test_grounding_counts_boxes_with_iou_at_least_half():

@@ -17,6 +17,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NUMBERS = ("zero", "one", "two", "three", "four")
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES)}
+WORD_SENTENCE = "the word {} is written"  # a caption's last sentence when the image shows a word
 
 Clause = tuple[int, str | None, int | None]  # (object, relation, other object); a lone object has no relation
 
@@ -69,7 +70,7 @@ def _write(objects: list[SceneObject], parts: list[Clause], word: str | None) ->
     sentences = [_phrase(objects[i]) + (f" {rel} {_phrase(objects[j])}" if rel and j is not None else "")
                  for i, rel, j in parts]  # fmt: skip
     if word is not None:
-        sentences.append(f"the word {word} is written")
+        sentences.append(WORD_SENTENCE.format(word))
     return ". ".join(sentences) + "."
 
 

@@ -32,8 +32,8 @@ class ContrastiveEvaluator:
     Representations stay on the model's device (``max_samples`` bounds them) and must be a Tensor or a tuple of
     Tensors batched along dim 0; text representations are concatenated across chunks, so they must not depend on
     the padded length. Colour and shape classes default to the values seen in the evaluated samples, and their
-    prompts to the captions' wording with the other attributes filled in (`caption_templates`), a class scoring
-    its best template; given templates are averaged, as CLIP does.
+    prompts to the captions' wording with the other attributes (and the written word) filled in
+    (`caption_templates`), a class scoring its best template; given templates are averaged, as CLIP does.
     """
 
     def __init__(
@@ -125,6 +125,7 @@ class ContrastiveEvaluator:
         if not rows:
             return {}
         objects = [obj for meta in self.metas for obj in meta.get("objects", [])]
+        words = [meta["word"] for meta in self.metas if meta.get("word")]
         seen = sorted({obj[attribute] for obj in objects})
         templates = self.templates[attribute]
         accuracy = zero_shot_accuracy(
@@ -133,7 +134,7 @@ class ContrastiveEvaluator:
             select_rows(images, torch.tensor(rows, device=device_of(images))),
             [labels[i] for i in rows],
             list(self.classes[attribute] or seen),
-            templates or caption_templates(attribute, objects),
+            templates or caption_templates(attribute, objects, words),
             self.chunk_size,
             reduction="mean" if templates else "max",
         )

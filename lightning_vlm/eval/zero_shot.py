@@ -13,19 +13,26 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightning_vlm.data.language import WORD_SENTENCE
+
 Repr = Tensor | tuple[Tensor, ...]
 Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
 
 OBJECT_PHRASE = "a {size} {color} {shape}."
 
 
-def caption_templates(attribute: str, objects: Sequence[dict[str, Any]]) -> list[str]:
+def caption_templates(attribute: str, objects: Sequence[dict[str, Any]], words: Sequence[str] = ()) -> list[str]:
     """Prompts in the benchmark's own wording: "a {size} {color} {shape}." with `attribute` left open and the other
-    two slots filled with every value seen among `objects`. Only one of them describes a given image, so score them
-    with ``reduction="max"``."""
+    two slots filled with every value seen among `objects`, each also followed by "the word {w} is written." for
+    every seen word in `words` (every caption of an image with a word says it). Only one of them describes a given
+    image, so score them with ``reduction="max"``."""
     others = [slot for slot in ("size", "color", "shape") if slot != attribute]
     values = [sorted({obj[slot] for obj in objects}) for slot in others]
-    return [OBJECT_PHRASE.format(**dict(zip(others, combo)), **{attribute: "{}"}) for combo in itertools.product(*values)]
+    objects_only = [OBJECT_PHRASE.format(**dict(zip(others, combo)), **{attribute: "{}"})
+                    for combo in itertools.product(*values)]
+    word_sentences = [" " + WORD_SENTENCE.format(word.replace("{", "{{").replace("}", "}}")) + "."
+                      for word in sorted(set(words))]
+    return objects_only + [template + sentence for template in objects_only for sentence in word_sentences]
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import io
 import json
 import random
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,16 @@ def test_unimodal_sources_give_whole_batches_of_their_kind(tiny_benchmark, unimo
 def test_a_source_with_an_unknown_modality_is_refused():
     with pytest.raises(ValueError, match="modality"):
         ShardSource("x", modality="audio")
+
+
+def test_without_a_model_the_image_statistics_fall_back_to_clip_with_a_warning(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"caption": 1}, batch_size=4)
+    with pytest.warns(UserWarning, match="CLIP's statistics"):
+        clip_normalised = next(iter(dm.val_dataloader()[0]))["pixel_values"]
+    half = ShardDataModule(root=tiny_benchmark, tasks={"caption": 1}, batch_size=4,
+                           image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        half_normalised = next(iter(half.val_dataloader()[0]))["pixel_values"]
+    assert not torch.allclose(clip_normalised, half_normalised)
+    assert half_normalised.min() >= -1.0 and half_normalised.max() <= 1.0  # (x - 0.5) / 0.5 of x in [0, 1]

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -184,6 +185,10 @@ class ShardDataModule(LightningDataModule):
 
     def _image_stats(self) -> tuple[tuple, tuple]:
         model = self._model()
+        if model is None and (self.hparams.image_mean is None or self.hparams.image_std is None):
+            rank_zero_warn("no model attached and no image_mean/image_std given: images are normalised with CLIP's "
+                           "statistics; a model expecting others (e.g. a timm ViT's 0.5) would see shifted pixels: "
+                           "pass image_mean=model.image_mean, image_std=model.image_std")
         mean = self.hparams.image_mean or getattr(model, "image_mean", None) or CLIP_MEAN
         std = self.hparams.image_std or getattr(model, "image_std", None) or CLIP_STD
         return tuple(mean), tuple(std)

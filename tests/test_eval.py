@@ -274,6 +274,8 @@ def test_caption_templates_leave_the_attribute_open_and_fill_the_others():
     with_words = caption_templates("shape", objects, ["cat", "dog", "cat"])
     assert len(with_words) == 4 * 3 and with_words[:4] == caption_templates("shape", objects)
     assert with_words[4:6] == ["a large blue {}. the word cat is written.", "a large blue {}. the word dog is written."]
+    braced = caption_templates("shape", objects[:1], ["{x}"])[1]
+    assert braced.format("circle") == "a small red circle. the word {x} is written."  # a word is text, not a slot
 
 
 def test_word_templates_spell_the_captions_of_images_with_a_word():

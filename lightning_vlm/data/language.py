@@ -17,6 +17,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NUMBERS = ("zero", "one", "two", "three", "four")
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES)}
+OBJECT_PHRASE = "a {size} {color} {shape}"  # how every caption names an object
 WORD_SENTENCE = "the word {} is written"  # a caption's last sentence when the image shows a word
 
 Clause = tuple[int, str | None, int | None]  # (object, relation, other object); a lone object has no relation
@@ -76,7 +77,7 @@ def _write(objects: list[SceneObject], parts: list[Clause], word: str | None) ->
 
 def _phrase(obj: SceneObject) -> str:
     """How every caption names an object: a <size> <colour> <shape>."""
-    return f"a {obj.size} {obj.color} {obj.shape}"
+    return OBJECT_PHRASE.format(size=obj.size, color=obj.color, shape=obj.shape)
 
 
 def _attribute_edits(objs: list[SceneObject], kind: str) -> list[list[SceneObject]]:

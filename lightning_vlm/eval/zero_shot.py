@@ -13,12 +13,10 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from lightning_vlm.data.language import WORD_SENTENCE
+from lightning_vlm.data.language import OBJECT_PHRASE, WORD_SENTENCE
 
 Repr = Tensor | tuple[Tensor, ...]
 Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
-
-OBJECT_PHRASE = "a {size} {color} {shape}."
 
 
 def caption_templates(attribute: str, objects: Sequence[dict[str, Any]], words: Sequence[str] = ()) -> list[str]:
@@ -28,7 +26,7 @@ def caption_templates(attribute: str, objects: Sequence[dict[str, Any]], words: 
     image, so score them with ``reduction="max"``."""
     others = [slot for slot in ("size", "color", "shape") if slot != attribute]
     values = [sorted({obj[slot] for obj in objects}) for slot in others]
-    objects_only = [OBJECT_PHRASE.format(**dict(zip(others, combo)), **{attribute: "{}"})
+    objects_only = [OBJECT_PHRASE.format(**dict(zip(others, combo)), **{attribute: "{}"}) + "."
                     for combo in itertools.product(*values)]
     word_sentences = [" " + WORD_SENTENCE.format(word.replace("{", "{{").replace("}", "}}")) + "."
                       for word in sorted(set(words))]

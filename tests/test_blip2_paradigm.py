@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_vlm.adapters.qformer import QFormer
 from lightning_vlm.callbacks import Phase, StagedFreezing
+from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
@@ -27,11 +28,12 @@ TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "
            "num_key_value_heads": 1}
 
 
-def build(tokenizer: str, **kwargs) -> BLIP2Paradigm:
+def build(tokenizer: str, instruction_aware: bool = False, **kwargs) -> BLIP2Paradigm:
     torch.manual_seed(0)
     model = BLIP2(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT),
                   lambda width: QFormer(width, config=TINY_BERT, tokenizer=tokenizer, num_queries=4),
-                  LanguageModel(tokenizer=tokenizer, config=TINY_LM), embed_dim=16, projection="mlp")
+                  LanguageModel(tokenizer=tokenizer, config=TINY_LM), embed_dim=16, projection="mlp",
+                  instruction_aware=instruction_aware)
     return BLIP2Paradigm(model, **{"lr": 1e-3, "warmup_steps": 1, "eval_max_samples": 16, "rerank_k": 4, **kwargs})
 
 
@@ -61,6 +63,34 @@ def test_stage2_loss_is_cross_entropy_on_target_tokens_only(tiny_benchmark):
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
     answers = [m["target"] for m in batch["meta"]]
     assert len(terms) == sum(len(paradigm.tokenizer.encode(a, add_special_tokens=False)) + 1 for a in answers)
+
+
+def test_instruction_aware_queries_read_each_images_own_question(tiny_benchmark):
+    """InstructBLIP: image i's visual prompt comes from the queries reading row i's question alone (its padding
+    unseen), in training and in generation; BLIP-2's queries never read it."""
+    paradigm = build(tiny_benchmark, instruction_aware=True)
+    batch = batch_of(paradigm, tiny_benchmark, {"vqa": 1.0}, size=4)
+    model, prompts = paradigm.model, [m["prompt"] for m in batch["meta"]]
+    assert len({len(p.split()) for p in prompts}) > 1  # rows of different lengths: padding matters
+    tokenize = Collator(paradigm.caption_tokenizer).tokenize
+    features = model.image_features(batch["pixel_values"])
+    alone = [model.qformer(features[i:i + 1], *tokenize([p]), mask="bidirectional").queries
+             for i, p in enumerate(prompts)]
+    with paradigm._instructed(prompts):
+        instructed = model.visual_prompt(batch["pixel_values"])
+    assert torch.allclose(instructed, model.lm_projection(torch.cat(alone)), atol=1e-5)
+    with paradigm._instructed(prompts[::-1]):
+        assert not torch.allclose(model.visual_prompt(batch["pixel_values"]), instructed, atol=1e-3)
+    plain = build(tiny_benchmark)
+    with plain._instructed(prompts[::-1]):
+        assert torch.equal(plain.model.visual_prompt(batch["pixel_values"]),
+                           plain.model.lm_projection(plain.model.queries(features)))
+    with pytest.raises(ValueError, match="3 instructions for 4 images"), paradigm._instructed(prompts[:3]):
+        model.visual_prompt(batch["pixel_values"])
+    loss = paradigm.losses(batch).total
+    loss.backward()
+    assert model.qformer.word_embeddings.weight.grad[tokenize(prompts)[0].unique()].abs().sum() > 0
+    assert len(paradigm.eval().generate_text(batch["pixel_values"], prompts, max_new_tokens=3)) == 4
 
 
 @pytest.mark.parametrize("generation", [{}, {"num_beams": 2}, {"do_sample": True, "top_p": 0.9}])

@@ -4,12 +4,15 @@ Stage 1 (representation learning) trains the Q-Former on the image encoder's fea
 sharing one model and differing by attention mask: image-text contrastive (ITC), image-text matching (ITM)
 and image-grounded text generation (ITG). Stage 2 (generative learning) projects the query outputs into the
 LM's embedding space as a soft visual prompt and trains on the LM's next-token loss over the target text.
+With ``instruction_aware`` (InstructBLIP, Dai et al., 2023) the queries also read the prompt (the question) in the
+Q-Former's shared self-attention, so they extract what the instruction asks about.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,7 +62,8 @@ class BLIP2(VisualPromptLM):
     """Image encoder -> Q-Former (stage 1 heads) -> projection -> language model (stage 2).
 
     ``qformer`` is called with the image encoder's width (so YAML never repeats it); ``language_model`` is
-    optional: without it the model is stage 1 only.
+    optional: without it the model is stage 1 only. ``instruction_aware``: the paradigm gives the visual prompt
+    each image's instruction (`instructed`), which the queries read (InstructBLIP).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class BLIP2(VisualPromptLM):
         projection: Literal["linear", "mlp"] = "linear",
         logit_scale_init: float = math.log(1 / 0.07),
         itg_label_smoothing: float = 0.1,
+        instruction_aware: bool = False,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -84,15 +89,20 @@ class BLIP2(VisualPromptLM):
         self.itg_label_smoothing = itg_label_smoothing
         self.language_model = language_model
         self.lm_projection = make_projection(projection, width, language_model.width) if language_model else None
+        self.instruction_aware = instruction_aware
+        self._instruction: TextBatch | None = None
 
     # ---- shared pieces --------------------------------------------------------------------------------------
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, D_v) every token of the image encoder, what the queries cross-attend to."""
         return self.vision(pixel_values).tokens
 
-    def queries(self, image: Tensor) -> Tensor:
-        """(B, N, D_v) image features -> (B, Q, D) query outputs (no text: what stage 2 and ITC's image side see)."""
-        return self.qformer(image=image).queries
+    def queries(self, image: Tensor, instruction: TextBatch | None = None) -> Tensor:
+        """(B, N, D_v) image features -> (B, Q, D) query outputs: alone (what BLIP-2's stage 2 and ITC's image side
+        see), or reading each image's ``instruction`` too, every token seeing every other (InstructBLIP)."""
+        if instruction is None:
+            return self.qformer(image=image).queries
+        return self.qformer(image, instruction.input_ids, instruction.attention_mask, mask="bidirectional").queries
 
     # ---- stage 1 ----------------------------------------------------------------------------------------------
     def itc(self, image: Tensor, text: TextBatch) -> tuple[Tensor, Tensor]:
@@ -130,10 +140,24 @@ class BLIP2(VisualPromptLM):
 
     # ---- stage 2 ----------------------------------------------------------------------------------------------
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, Q, D_lm) soft visual prompt for the language model."""
+        """(B, 3, H, W) -> (B, Q, D_lm) soft visual prompt for the language model (its queries reading the
+        instruction given by `instructed`, if any)."""
         if self.language_model is None:
             raise ValueError("this BLIP2 has no language_model: stage 2 and generation need one")
-        return self.lm_projection(self.queries(self.image_features(pixel_values)))
+        instruction = self._instruction
+        if instruction is not None and len(instruction.input_ids) != len(pixel_values):
+            raise ValueError(f"{len(instruction.input_ids)} instructions for {len(pixel_values)} images")
+        return self.lm_projection(self.queries(self.image_features(pixel_values), instruction))
+
+    @contextmanager
+    def instructed(self, instruction: TextBatch) -> Iterator[None]:
+        """Inside, the visual prompt of image i reads row i of ``instruction`` (Q-Former tokens of its prompt);
+        a context rather than an argument because the LM-side code (`VisualPromptLM`) calls `visual_prompt`."""
+        self._instruction = instruction
+        try:
+            yield
+        finally:
+            self._instruction = None
 
     # ---- contrastive-style eval API (CONTRACTS.md) -------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:

@@ -13,10 +13,15 @@ accuracy per skill).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from lightning_vlm.data.collate import Collator
+from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.eval import ContrastiveEvaluator
 from lightning_vlm.eval.retrieval import rerank_recall
 from lightning_vlm.eval.suite import full_precision
@@ -75,11 +80,27 @@ class BLIP2Paradigm(ImageToText):
             if w.get("itg"):
                 terms["itg"] = self.model.itg(image, text)
         if w.get("lm"):
-            terms["lm"] = super().losses(batch).total
+            with self._instructed([meta["prompt"] for meta in batch["meta"]]):
+                terms["lm"] = super().losses(batch).total
         if not terms:
             raise ValueError(f"every loss weight is zero: {w}")
         total = sum(w[name] * value for name, value in terms.items())
         return LossOutput(total, terms, {"logit_scale": temperature(self.model.logit_scale.detach())})
+
+    @contextmanager
+    def _instructed(self, prompts: list[str]) -> Iterator[None]:
+        """An instruction-aware model's queries read ``prompts`` (one per image, in the Q-Former's tokenizer)."""
+        if not self.model.instruction_aware:
+            yield
+            return
+        ids, mask = Collator(self.caption_tokenizer).tokenize(prompts)
+        with self.model.instructed(TextBatch(ids.to(self.device), mask.to(self.device))):
+            yield
+
+    def _generate(self, pixel_values: Tensor, texts: list[TextExample], image_index: Tensor | None,
+                  **generation: Any) -> list[str]:
+        with self._instructed([text.prompt for text in texts]):
+            return super()._generate(pixel_values, texts, image_index, **generation)
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -63,6 +63,26 @@ def test_half_precision_lm_matches_float32_keeps_float32_adapters_and_passes_gra
     assert new.shape[0] == 2 and 1 <= new.shape[1] <= 2
 
 
+def test_loss_reductions_weigh_tokens_or_samples_as_the_reference_says(tiny_benchmark):
+    """"token" is transformers' own loss; "sample" averages each row's labelled tokens, then the rows that have
+    any (a row without labels does not count): the one-token answer weighs as much as the five-token caption."""
+    lm = _lm(tiny_benchmark)
+    embeds, mask, labels = _inputs(lm)
+    labels = torch.cat([labels, labels[:1]])
+    labels[0, 1:5], labels[1, 1:5], labels[2] = -100, 7, -100  # rows: 1 label, 5 labels, none
+    embeds, mask = torch.cat([embeds, embeds[:1]]), torch.cat([mask, mask[:1]])
+    per_token = nn.functional.cross_entropy(lm(embeds, mask).logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                            reduction="none")
+    labelled = labels[:, 1:] != -100
+    assert torch.allclose(lm.loss(embeds, mask, labels), lm(embeds, mask, labels).loss)
+    assert torch.allclose(lm.loss(embeds, mask, labels), per_token[labelled].mean())
+    lm.loss_reduction = "sample"
+    row_means = [per_token[row][labelled[row]].mean() for row in range(2)]
+    assert torch.allclose(lm.loss(embeds, mask, labels), torch.stack(row_means).mean())
+    with pytest.raises(ValueError, match="loss_reduction"):
+        _lm(tiny_benchmark, loss_reduction="batch")
+
+
 def test_half_precision_dtype_names_are_checked(tiny_benchmark):
     with pytest.raises(ValueError, match="dtype must be one of"):
         _lm(tiny_benchmark, dtype="float64")

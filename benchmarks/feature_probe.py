@@ -61,13 +61,13 @@ def encode(vision: nn.Module, loader, count: int) -> tuple[Tensor, list[dict]]:
 
 def questions(metas: list[dict], asked: str, names: list[str], answers: list[str]) -> tuple[Tensor, Tensor, Tensor]:
     """(image row, naming value, answer) of every object whose naming value is unique in its scene."""
-    rows, named, answer = [], [], []
+    naming, found = QUESTIONS[asked], []
     for row, meta in enumerate(metas):
-        counts = collections.Counter(o[QUESTIONS[asked]] for o in meta["objects"])
-        for obj in meta["objects"]:
-            if counts[obj[QUESTIONS[asked]]] == 1:
-                rows.append(row), named.append(names.index(obj[QUESTIONS[asked]])), answer.append(answers.index(obj[asked]))
-    return torch.tensor(rows), torch.tensor(named), torch.tensor(answer)
+        counts = collections.Counter(o[naming] for o in meta["objects"])
+        found += [(row, names.index(o[naming]), answers.index(o[asked]))
+                  for o in meta["objects"] if counts[o[naming]] == 1]
+    rows, named, answer = (torch.tensor(column) for column in zip(*found))
+    return rows, named, answer
 
 
 def train_probe(train: tuple[Tensor, ...], val: tuple[Tensor, ...], num_names: int, num_answers: int,

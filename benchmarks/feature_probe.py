@@ -8,13 +8,14 @@ scored on val. Its accuracy with many images says whether the features carry the
 examples a reader trained from scratch needs.
 
     python benchmarks/feature_probe.py --config recipes/clip.yaml --checkpoint checkpoints/clip/last.ckpt
-    python benchmarks/feature_probe.py ... --images 2000 --epochs 90     # as few images as stage 2 of a recipe sees
+    python benchmarks/feature_probe.py ... --images 2000 --epochs 90     # few examples, seen many times
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class AttentionProbe(nn.Module):
 
 
 @torch.no_grad()
-def encode(vision: nn.Module, loader, count: int) -> tuple[Tensor, list[dict]]:
+def encode(vision: nn.Module, loader: Iterable[dict], count: int) -> tuple[Tensor, list[dict]]:
     """(count, tokens + 1, width) float32 features (the tokens, then the pooled vector) and the samples' metadata."""
     features, metas = [], []
     for batch in loader:

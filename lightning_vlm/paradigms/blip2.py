@@ -64,6 +64,11 @@ class BLIP2Paradigm(ImageToText):
         """The Q-Former's tokenizer, for the captions of the stage-1 objectives."""
         return self.model.qformer.tokenizer
 
+    def qformer_tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask) of plain texts in the Q-Former's tokenizer, laid out as its captions are
+        (evaluation captions, ITM re-ranking, an instruction-aware model's prompts)."""
+        return Collator(self.caption_tokenizer).tokenize(texts)
+
     # ---- training -------------------------------------------------------------------------------------------------
     def losses(self, batch: dict) -> LossOutput:
         """The weighted sum of the terms whose weight is not zero; terms of weight zero are not computed."""
@@ -93,7 +98,7 @@ class BLIP2Paradigm(ImageToText):
         if not self.model.instruction_aware:
             yield
             return
-        ids, mask = Collator(self.caption_tokenizer).tokenize(prompts)
+        ids, mask = self.qformer_tokenize(prompts)
         with self.model.instructed(TextBatch(ids.to(self.device), mask.to(self.device))):
             yield
 
@@ -108,7 +113,7 @@ class BLIP2Paradigm(ImageToText):
             losses = self.losses(batch)
         self.log_losses(self.eval_split_name(dataloader_idx), losses, batch_size=len(batch["meta"]))
         if dataloader_idx not in self.retrieval_evaluators:
-            suite = ContrastiveEvaluator(Collator(self.caption_tokenizer).tokenize, max_samples=self.eval_max_samples)
+            suite = ContrastiveEvaluator(self.qformer_tokenize, max_samples=self.eval_max_samples)
             self.retrieval_evaluators[dataloader_idx] = (suite, [])
         suite, features = self.retrieval_evaluators[dataloader_idx]
         if not suite.full:
@@ -130,8 +135,7 @@ class BLIP2Paradigm(ImageToText):
         """Image->text recall@1/5 after re-scoring each image's ITC top-k distinct captions with ITM."""
         captions = [meta["caption"] for meta in suite.metas]
         distinct = list(dict.fromkeys(captions))
-        tokenize = Collator(self.caption_tokenizer).tokenize
-        ids, mask = tokenize(distinct)
+        ids, mask = self.qformer_tokenize(distinct)
         images = torch.cat(suite.image_reprs)
         itc = self.model.similarity(images, self.model.encode_texts(ids.to(self.device), mask.to(self.device)))
 

@@ -220,6 +220,22 @@ def test_weighted_sources_mix_by_weight(tiny_benchmark):
     assert len(keys) == 160 and 0.6 < from_train < 0.9
 
 
+def test_grouped_batches_hold_one_task_and_pad_less_without_losing_a_sample(tiny_benchmark):
+    def epoch(group_by_task: bool, drop_last: bool = False) -> list[dict]:
+        dm = ShardDataModule(root=tiny_benchmark, tasks={"caption": 1.0, "vqa": 3.0})
+        config = StreamConfig(batch_size=8, shuffle_buffer=32, drop_last=drop_last, group_by_task=group_by_task)
+        return list(make_loader(stream(dm, [ShardSource(tiny_benchmark, split="train")], config), 0))
+
+    mixed, grouped = epoch(False), epoch(True)
+    tasks = [[meta["task"] for meta in batch["meta"]] for batch in grouped]
+    assert all(len(set(batch)) == 1 for batch in tasks)
+    assert any(len({meta["task"] for meta in batch["meta"]}) == 2 for batch in mixed)  # the default mixes
+    assert sorted(keys_of(grouped)) == sorted(keys_of(mixed))  # the same draws, only batched differently
+    assert sum(len(batch) < 8 for batch in tasks) == 2  # one partial batch per task, at the end of the epoch
+    assert sum(b["input_ids"].numel() for b in grouped) < 0.85 * sum(b["input_ids"].numel() for b in mixed)
+    assert all(len(batch["meta"]) == 8 for batch in epoch(True, drop_last=True))
+
+
 def test_flip_swaps_left_and_right_and_mirrors_boxes():
     assert swap_left_right("a red circle left of a blue square. Right?") == "a red circle right of a blue square. Left?"
     image = Image.new("RGB", (64, 64), "black")

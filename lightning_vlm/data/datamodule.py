@@ -56,6 +56,8 @@ class ShardDataModule(LightningDataModule):
             generative prompt (both outside the labels).
         chat_turns: the most questions of a ``chat`` example; shots: the demonstrations before a ``fewshot``
             example's question (images of the same batch).
+        group_by_task: every training batch holds one task (short questions are not padded to captions' length);
+            the mixture's weights then hold per batch instead of per sample.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class ShardDataModule(LightningDataModule):
         train_fraction: float = 1.0,
         chat_turns: int = 3,
         shots: int = 2,
+        group_by_task: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,6 +125,7 @@ class ShardDataModule(LightningDataModule):
             resampled=self.hparams.resampled,
             drop_last=True,
             seed=self.hparams.seed,
+            group_by_task=self.hparams.group_by_task,
         )
         return self._loader(sources, self.hparams.tasks, config, train=True)
 

@@ -35,6 +35,7 @@ class StreamConfig:
     resampled: bool = False
     drop_last: bool = False
     seed: int = 0
+    group_by_task: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -114,18 +115,23 @@ class ShardStream(IterableDataset):
         return Example(pixels, text, meta)
 
     def _batched(self, examples: Iterator[Example], counter: BadDataCounter) -> Iterator[dict]:
-        """Full batches, each held back until the next example is read so trailing skips are still reported."""
-        batch: list[Example] = []
+        """Full batches, each held back until the next example is read so trailing skips are still reported.
+
+        With ``group_by_task`` every batch holds examples of one task (filled side by side, in arrival order), so
+        a batch of one-line questions is not padded to a caption's length, as LLaVA groups by modality.
+        """
+        filling: dict[str, list[Example]] = {}
         ready: list[Example] | None = None
         for example in examples:
             if ready:
                 yield self.collate(ready, *counter.take())
                 ready = None
-            batch.append(example)
-            if len(batch) == self.config.batch_size:
-                ready, batch = batch, []
-        last = ready or (batch if not self.config.drop_last else None)  # a held batch leaves no partial one
-        if last:
+            group = example.text.task if self.config.group_by_task else ""
+            filling.setdefault(group, []).append(example)
+            if len(filling[group]) == self.config.batch_size:
+                ready = filling.pop(group)
+        partial = [] if self.config.drop_last else [b for b in filling.values() if b]
+        for last in ([ready] if ready else []) + partial:  # a held batch leaves no partial one of its task
             yield self.collate(last, *counter.take())
 
 

@@ -130,7 +130,7 @@ class ShardStream(IterableDataset):
             filling.setdefault(group, []).append(example)
             if len(filling[group]) == self.config.batch_size:
                 ready = filling.pop(group)
-        partial = [] if self.config.drop_last else [b for b in filling.values() if b]
+        partial = [] if self.config.drop_last else list(filling.values())
         for last in ([ready] if ready else []) + partial:  # a held batch leaves no partial one of its task
             yield self.collate(last, *counter.take())
 

@@ -219,15 +219,19 @@ def test_llip_conditioning_matches_per_pair_attention() -> None:
 
 
 def test_llip_pools_mixture_tokens_from_a_cnn() -> None:
-    """A CNN appends no tokens: K learned queries over its feature map give the mixture tokens instead."""
+    """A CNN appends no tokens: its pooled vector plus K learned queries' reads of its feature map give the mixture
+    tokens instead, each equal to the pooled vector at initialisation."""
     torch.manual_seed(0)
     cnn = VisionEncoder("resnet10t", overrides=CNN)
     model = Llip(cnn, TextEncoder(vocab_size=VOCAB), embed_dim=32, num_heads=4, num_mixture_tokens=3).eval()
     pixels, (ids, mask) = torch.randn(2, 3, 64, 64), _text_batch()
     images = model.encode_images(pixels)
     assert images.shape == (2, 3, 32)  # 3 mixture tokens read from the 2 x 2 map
-    expected = model.heads.image_proj(model.mixture_pool(cnn(pixels).tokens))
-    assert torch.allclose(images, expected, atol=1e-6)
+    pooled = model.heads.image_proj(cnn(pixels).pooled)
+    assert torch.allclose(images, pooled.unsqueeze(1).expand(-1, 3, -1), atol=1e-6)  # at the start: the pooled vector
+    torch.nn.init.normal_(model.mixture_pool.norm.weight)
+    expected = model.heads.image_proj(cnn(pixels).pooled.unsqueeze(1) + model.mixture_pool(cnn(pixels).tokens))
+    assert torch.allclose(model.encode_images(pixels), expected, atol=1e-6)
     out = model(pixels[:2].repeat(2, 1, 1, 1)[:3], ids, mask)
     assert torch.allclose(model.similarity(model.encode_images(pixels[:2].repeat(2, 1, 1, 1)[:3]),
                                           model.encode_texts(ids, mask)), out.logits, atol=1e-5)

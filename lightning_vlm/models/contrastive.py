@@ -168,18 +168,19 @@ class MixtureCrossAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, mixture: Tensor, queries: Tensor) -> Tensor:
-        """mixture (I, K, E), queries (T, E) -> (I, T, E): one image embedding per (image, caption) pair.
+    def forward(self, mixture: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """mixture (I, K, E), queries (T, E) -> the attention weights (I, T, h*K) and the value tokens (I, h*K, E):
+        image i conditioned on caption t is ``weights[i, t] @ values[i] + out.bias``.
 
         The output projection is linear, so it maps each image's K value tokens (per head) once instead of the
-        I x T mixed ones: out(concat_h sum_k a_hk v_hk) = sum_hk a_hk (W_out^h v_hk) + b, 4x fewer multiplies.
+        I x T mixed ones: out(concat_h sum_k a_hk v_hk) = sum_hk a_hk (W_out^h v_hk) + b.
         """
         q = self.q(queries).unflatten(-1, (self.num_heads, -1))  # (T, h, d)
         k = self.k(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         v = self.v(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         values = torch.einsum("ikhd,ehd->ihke", v, self.out.weight.unflatten(1, (self.num_heads, -1)))
         weights = (torch.einsum("thd,ikhd->ithk", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
-        return torch.bmm(weights.flatten(2), values.flatten(1, 2)) + self.out.bias
+        return weights.flatten(2), values.flatten(1, 2)
 
 
 class Llip(nn.Module):
@@ -187,8 +188,10 @@ class Llip(nn.Module):
 
     The caption-conditioned image embedding is contrasted with the caption by the sigmoid loss (LlipLoss). The
     mixture tokens are the outputs of K learnable tokens appended to a ViT (`VisionEncoder(num_extra_tokens=K)`,
-    the paper's design) or, for an encoder that takes no extra tokens (a CNN), K learned queries attending over
-    its output tokens (`num_mixture_tokens=K`, an attentional pooler as in CoCa).
+    the paper's design) or, for an encoder that takes no extra tokens (a CNN), the encoder's pooled vector plus what
+    each of K learned queries reads from its output tokens (`num_mixture_tokens=K`, an attentional pooler as in
+    CoCa, its output scale starting at zero): training starts from SigLIP on the pooled vector, and the tokens
+    part from it only as far as the captions reward.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class Llip(nn.Module):
         self.mixture_pool = None
         if num_mixture_tokens is not None:
             self.mixture_pool = AttentionPooler(vision.width, vision.width, num_mixture_tokens, num_heads)
+            nn.init.zeros_(self.mixture_pool.norm.weight)  # ReZero-style: every mixture token starts as the pooled vector
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads)
 
@@ -227,7 +231,10 @@ class Llip(nn.Module):
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, K, E) projected mixture tokens (not yet conditioned on a caption)."""
         image = self.vision(pixel_values)
-        mixture = image.extra_tokens if self.mixture_pool is None else self.mixture_pool(image.tokens)
+        if self.mixture_pool is None:
+            mixture = image.extra_tokens
+        else:
+            mixture = image.pooled.unsqueeze(1) + self.mixture_pool(image.tokens)
         return self.heads.image_proj(mixture)
 
     def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -241,12 +248,22 @@ class Llip(nn.Module):
         return scale_logits(cosine, self.heads.logit_scale, self.heads.logit_bias)
 
     def _cosine(self, mixture: Tensor, captions: Tensor) -> Tensor:
-        """Cosine between each caption and the image embedding conditioned on that caption: (I, T); the (I, T, E)
-        embeddings are divided by their norms after the dot product, not before (F.normalize's eps kept)."""
-        image = self.mixture_attn(mixture, captions)
-        with torch.autocast(image.device.type, enabled=False):  # float32 logits, as in `cosine_matrix`
-            image, captions = image.float(), captions.float()
-            return torch.einsum("ite,te->it", image, captions) / image.norm(dim=-1).clamp_min(1e-12)
+        """Cosine between each caption and the image embedding conditioned on that caption: (I, T).
+
+        The (I, T, E) conditioned embeddings are never formed (written by hand: no library scores a mixture this
+        way). With x_it = a_it V_i + b for weights a_it over the value tokens V_i, both parts of the cosine come
+        from small per-image products: x_it . c_t = a_it (V_i c_t) + b . c_t and
+        |x_it|^2 = a_it G_i a_it + 2 a_it (V_i b) + |b|^2 with the Gram matrix G_i = V_i V_i^T (h*K x h*K).
+        """
+        weights, values = self.mixture_attn(mixture, captions)
+        bias = self.mixture_attn.out.bias
+        with torch.autocast(values.device.type, enabled=False):  # float32 logits, as in `cosine_matrix`
+            weights, values, captions, bias = weights.float(), values.float(), captions.float(), bias.float()
+            dot = torch.einsum("itj,ijt->it", weights, values @ captions.T) + captions @ bias
+            quadratic = ((weights @ (values @ values.transpose(1, 2))) * weights).sum(-1)
+            linear = (weights @ (values @ bias).unsqueeze(-1)).squeeze(-1)
+            return dot / (quadratic + 2 * linear + bias @ bias).clamp_min(0).sqrt().clamp_min(1e-12)
+
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing (appended mixture tokens belong to "vision", a pooler is its own part)."""

@@ -236,6 +236,15 @@ def test_grouped_batches_hold_one_task_and_pad_less_without_losing_a_sample(tiny
     assert all(len(batch["meta"]) == 8 for batch in epoch(True, drop_last=True))
 
 
+def test_moving_a_batch_leaves_its_metadata_unwalked(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"caption": 1.0, "vqa": 1.0}, batch_size=8)
+    batch = next(iter(dm.train_dataloader()))
+    meta, pixels = batch["meta"], batch["pixel_values"]
+    moved = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert moved["meta"] is meta  # the same list of dicts, not a rebuilt copy
+    assert torch.equal(moved["pixel_values"], pixels) and set(moved) == set(batch)
+
+
 def test_flip_swaps_left_and_right_and_mirrors_boxes():
     assert swap_left_right("a red circle left of a blue square. Right?") == "a red circle right of a blue square. Left?"
     image = Image.new("RGB", (64, 64), "black")

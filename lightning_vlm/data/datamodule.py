@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
@@ -96,6 +97,12 @@ class ShardDataModule(LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.caption_tokenizer: PreTrainedTokenizerBase | None = None
         self.val_names, self.test_names = list(val_splits), list(test_splits)
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Tensors move; the per-sample ``meta`` dicts (texts, boxes, the scene's json) stay as they are, unwalked:
+        Lightning's default recurses into every one of them (16 ms a step for 128 samples on a 2-core CPU)."""
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "meta"}, device, dataloader_idx)
+        return moved | {k: v for k, v in batch.items() if k == "meta"}
 
     def prepare_data(self) -> None:
         """Generate the default synthetic benchmark if a recipe points at it and it is missing."""

@@ -213,7 +213,7 @@ class Llip(nn.Module):
         self.mixture_pool = None
         if num_mixture_tokens is not None:
             self.mixture_pool = AttentionPooler(vision.width, vision.width, num_mixture_tokens, num_heads)
-            nn.init.zeros_(self.mixture_pool.norm.weight)  # ReZero-style: every mixture token starts as the pooled vector
+            nn.init.zeros_(self.mixture_pool.norm.weight)  # ReZero-style: each token starts as the pooled vector
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads)
 
@@ -263,7 +263,6 @@ class Llip(nn.Module):
             quadratic = ((weights @ (values @ values.transpose(1, 2))) * weights).sum(-1)
             linear = (weights @ (values @ bias).unsqueeze(-1)).squeeze(-1)
             return dot / (quadratic + 2 * linear + bias @ bias).clamp_min(0).sqrt().clamp_min(1e-12)
-
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing (appended mixture tokens belong to "vision", a pooler is its own part)."""

@@ -246,10 +246,26 @@ def test_evaluator_end_to_end(model_class: type) -> None:
             "val/binding_relation": 0.0,
             "val/zeroshot_color": 1.0,
             "val/zeroshot_color_n": 4.0,  # the two-colour scene is left out
+            "val/zeroshot_color_multi": 1.0,  # the two green objects
+            "val/zeroshot_color_multi_n": 1.0,
             "val/zeroshot_shape": 1.0,
             "val/zeroshot_shape_n": 3.0,  # both two-shape scenes are left out
         }
     )
+
+
+def test_zero_shot_scores_multi_object_scenes_apart() -> None:
+    """A model blind to scenes of several objects loses exactly those in ``_multi`` (no shape is shared by two)."""
+    vocabulary = Vocabulary()
+    model, evaluator = BagOfWordsModel(vocabulary), ContrastiveEvaluator(vocabulary)
+    for metas in BATCHES:
+        images = batch(metas)
+        images["pixel_values"][torch.tensor([len(meta["objects"]) > 1 for meta in metas])] = 0  # ties: class 0
+        evaluator.update(model, images)
+    metrics = evaluator.compute(model, "val")
+    assert metrics["val/zeroshot_color"] == 0.75 and metrics["val/zeroshot_color_n"] == 4.0
+    assert metrics["val/zeroshot_color_multi"] == 0.0 and metrics["val/zeroshot_color_multi_n"] == 1.0
+    assert metrics["val/zeroshot_shape"] == 1.0 and "val/zeroshot_shape_multi" not in metrics
 
 
 def test_evaluator_max_samples_and_reset() -> None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
@@ -22,7 +23,7 @@ from lightning_vlm.eval.zero_shot import (
     paired_similarity,
     select_rows,
     similarity_matrix,
-    zero_shot_accuracy,
+    zero_shot_predictions,
 )
 
 
@@ -119,26 +120,39 @@ class ContrastiveEvaluator:
         return binding_accuracy(scores[:, 0], scores[:, 1], kinds)
 
     def _zero_shot(self, model: Any, images: Repr, attribute: str) -> dict[str, float]:
-        """Zero-shot accuracy on the images whose objects all share one value of ``attribute``, and their number."""
+        """Zero-shot accuracy on the images whose objects all share one value of ``attribute``, and their number;
+        then the same on those of them that hold several objects (``_multi``), where a one-object prompt describes
+        only part of the scene and pooled image features fail first (README, Results)."""
         labels = [shared_value(meta.get("objects", []), attribute) for meta in self.metas]
         rows = [i for i, label in enumerate(labels) if label is not None]
         if not rows:
             return {}
         objects = [obj for meta in self.metas for obj in meta.get("objects", [])]
         words = [meta["word"] for meta in self.metas if meta.get("word")]
-        seen = sorted({obj[attribute] for obj in objects})
         templates = self.templates[attribute]
-        accuracy = zero_shot_accuracy(
+        classes = list(self.classes[attribute] or sorted({obj[attribute] for obj in objects}))
+        device = device_of(images)
+        predictions = zero_shot_predictions(
             model,
             self.tokenize,
-            select_rows(images, torch.tensor(rows, device=device_of(images))),
-            [labels[i] for i in rows],
-            list(self.classes[attribute] or seen),
+            select_rows(images, torch.tensor(rows, device=device)),
+            classes,
             templates or caption_templates(attribute, objects, words),
             self.chunk_size,
             reduction="mean" if templates else "max",
         )
-        return {f"zeroshot_{attribute}": accuracy, f"zeroshot_{attribute}_n": float(len(rows))}
+        target = torch.tensor([classes.index(labels[i]) for i in rows], device=device)
+        multi = torch.tensor([len(self.metas[i]["objects"]) > 1 for i in rows], device=device)
+        metrics = {f"zeroshot_{attribute}": accuracy(predictions, target, len(classes)),
+                   f"zeroshot_{attribute}_n": float(len(rows))}
+        if multi.any():
+            metrics[f"zeroshot_{attribute}_multi"] = accuracy(predictions[multi], target[multi], len(classes))
+            metrics[f"zeroshot_{attribute}_multi_n"] = float(multi.sum())
+        return metrics
+
+
+def accuracy(predictions: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    return multiclass_accuracy(predictions, target, num_classes, average="micro").item()
 
 
 def move_repr(repr_: Repr, device: torch.device | str) -> Repr:

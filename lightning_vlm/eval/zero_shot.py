@@ -44,7 +44,24 @@ def zero_shot_accuracy(
     chunk_size: int = 256,
     reduction: str = "mean",
 ) -> float:
-    """Accuracy of predicting each image's class as the argmax over classes of its score over templates.
+    """Accuracy of predicting each image's class as the argmax over classes of its score over templates
+    (`zero_shot_predictions`)."""
+    predictions = zero_shot_predictions(model, tokenize, image_repr, classes, templates, chunk_size, reduction)
+    target = torch.tensor([classes.index(name) for name in targets], device=predictions.device)
+    return multiclass_accuracy(predictions, target, len(classes), average="micro").item()
+
+
+@torch.no_grad()
+def zero_shot_predictions(
+    model: Any,
+    tokenize: Tokenize,
+    image_repr: Repr,
+    classes: Sequence[str],
+    templates: Sequence[str],
+    chunk_size: int = 256,
+    reduction: str = "mean",
+) -> Tensor:
+    """(N,) index into ``classes`` of each image's best class, a class scoring the mean or max over templates.
 
     ``reduction="mean"`` is CLIP's prompt ensembling, for templates that say nothing else about the image ("a photo
     of a {}."). ``"max"`` scores a class by its best-matching template, for templates that also name other
@@ -56,8 +73,7 @@ def zero_shot_accuracy(
     text_repr = encode_texts(model, tokenize, texts, device_of(image_repr), chunk_size)
     scores = similarity_matrix(model, image_repr, text_repr, chunk_size).unflatten(1, (len(templates), len(classes)))
     class_scores = scores.float().mean(dim=1) if reduction == "mean" else scores.float().amax(dim=1)
-    target = torch.tensor([classes.index(name) for name in targets], device=scores.device)
-    return multiclass_accuracy(class_scores.argmax(dim=1), target, len(classes), average="micro").item()
+    return class_scores.argmax(dim=1)
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
@@ -21,6 +20,7 @@ from lightning_vlm.eval.zero_shot import (
     encode_texts,
     map_repr,
     paired_similarity,
+    prediction_accuracy,
     select_rows,
     similarity_matrix,
     zero_shot_predictions,
@@ -122,7 +122,7 @@ class ContrastiveEvaluator:
     def _zero_shot(self, model: Any, images: Repr, attribute: str) -> dict[str, float]:
         """Zero-shot accuracy on the images whose objects all share one value of ``attribute``, and their number;
         then the same on those of them that hold several objects (``_multi``), where a one-object prompt describes
-        only part of the scene and pooled image features fail first (README, Results)."""
+        only part of the scene (where Llip falls short: README, Results)."""
         labels = [shared_value(meta.get("objects", []), attribute) for meta in self.metas]
         rows = [i for i, label in enumerate(labels) if label is not None]
         if not rows:
@@ -143,16 +143,13 @@ class ContrastiveEvaluator:
         )
         target = torch.tensor([classes.index(labels[i]) for i in rows], device=device)
         multi = torch.tensor([len(self.metas[i]["objects"]) > 1 for i in rows], device=device)
-        metrics = {f"zeroshot_{attribute}": accuracy(predictions, target, len(classes)),
+        metrics = {f"zeroshot_{attribute}": prediction_accuracy(predictions, target, len(classes)),
                    f"zeroshot_{attribute}_n": float(len(rows))}
         if multi.any():
-            metrics[f"zeroshot_{attribute}_multi"] = accuracy(predictions[multi], target[multi], len(classes))
+            multi_accuracy = prediction_accuracy(predictions[multi], target[multi], len(classes))
+            metrics[f"zeroshot_{attribute}_multi"] = multi_accuracy
             metrics[f"zeroshot_{attribute}_multi_n"] = float(multi.sum())
         return metrics
-
-
-def accuracy(predictions: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    return multiclass_accuracy(predictions, target, num_classes, average="micro").item()
 
 
 def move_repr(repr_: Repr, device: torch.device | str) -> Repr:

@@ -48,7 +48,12 @@ def zero_shot_accuracy(
     (`zero_shot_predictions`)."""
     predictions = zero_shot_predictions(model, tokenize, image_repr, classes, templates, chunk_size, reduction)
     target = torch.tensor([classes.index(name) for name in targets], device=predictions.device)
-    return multiclass_accuracy(predictions, target, len(classes), average="micro").item()
+    return prediction_accuracy(predictions, target, len(classes))
+
+
+def prediction_accuracy(predictions: Tensor, target: Tensor, num_classes: int) -> float:
+    """The fraction of class indices ``predictions`` equal to ``target``."""
+    return multiclass_accuracy(predictions, target, num_classes, average="micro").item()
 
 
 @torch.no_grad()

@@ -200,9 +200,11 @@ def test_llip_shapes_and_similarity_matches_training_logits() -> None:
         Llip(*_towers())
 
 
-def test_llip_conditioning_matches_per_pair_attention() -> None:
-    """Each (image i, caption j) logit equals multi-head attention of caption j over image i's mixture tokens."""
-    model = Llip(*_towers(extra=4), embed_dim=32, num_heads=4).eval()
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_llip_conditioning_matches_per_pair_attention(temperature: float) -> None:
+    """Each (image i, caption j) logit equals multi-head attention of caption j over image i's mixture tokens, its
+    logits divided by the softmax temperature."""
+    model = Llip(*_towers(extra=4), embed_dim=32, num_heads=4, attention_temperature=temperature).eval()
     attn, heads = model.mixture_attn, model.heads
     images = torch.randn(2, 4, 32)
     texts = F.normalize(torch.randn(3, 32), dim=-1)
@@ -212,10 +214,12 @@ def test_llip_conditioning_matches_per_pair_attention() -> None:
             q = attn.q(texts[j]).view(4, 1, 8)  # (heads, 1 query, head dim)
             k = attn.k(images[i]).view(4, 4, 8).transpose(0, 1)  # (heads, K tokens, head dim)
             v = attn.v(images[i]).view(4, 4, 8).transpose(0, 1)
-            mixed = attn.out(F.scaled_dot_product_attention(q, k, v).reshape(32))
+            mixed = attn.out(F.scaled_dot_product_attention(q, k, v, scale=8**-0.5 / temperature).reshape(32))
             cosine = F.normalize(mixed, dim=-1) @ texts[j]
             expected[i, j] = heads.logit_scale.exp() * cosine + heads.logit_bias
     assert torch.allclose(model.similarity(images, texts), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        Llip(*_towers(extra=4), embed_dim=32, attention_temperature=0.0)
 
 
 def test_llip_pools_mixture_tokens_from_a_cnn() -> None:

@@ -156,13 +156,20 @@ class DualEncoder(nn.Module):
 
 
 class MixtureCrossAttention(nn.Module):
-    """Llip's cross-attention: each caption embedding (query) weights the K mixture tokens (keys/values) of an image."""
+    """Llip's cross-attention: each caption embedding (query) weights the K mixture tokens (keys/values) of an image.
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    `temperature` divides the scaled logits q.k / sqrt(d): above 1 the weights are closer to uniform, so a caption
+    bends the image's embedding towards itself less. The paper's tau divides q.k itself (ours = tau / sqrt(d)).
+    """
+
+    def __init__(self, dim: int, num_heads: int, temperature: float = 1.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        if temperature <= 0:
+            raise ValueError(f"the mixture attention's temperature must be positive, got {temperature}")
         self.num_heads = num_heads
+        self.temperature = temperature
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -179,7 +186,8 @@ class MixtureCrossAttention(nn.Module):
         k = self.k(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         v = self.v(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         values = torch.einsum("ikhd,ehd->ihke", v, self.out.weight.unflatten(1, (self.num_heads, -1)))
-        weights = (torch.einsum("thd,ikhd->ithk", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        scale = q.shape[-1] ** -0.5 / self.temperature
+        weights = (torch.einsum("thd,ikhd->ithk", q, k) * scale).softmax(dim=-1)
         return weights.flatten(2), values.flatten(1, 2)
 
 
@@ -191,7 +199,7 @@ class Llip(nn.Module):
     the paper's design) or, for an encoder that takes no extra tokens (a CNN), the encoder's pooled vector plus what
     each of K learned queries reads from its output tokens (`num_mixture_tokens=K`, an attentional pooler as in
     CoCa, its output scale starting at zero): training starts from SigLIP on the pooled vector, and the tokens
-    part from it only as far as the captions reward.
+    part from it only as far as the captions reward. `attention_temperature` is the mixing softmax's temperature.
     """
 
     def __init__(
@@ -203,6 +211,7 @@ class Llip(nn.Module):
         logit_scale_init: float = math.log(10.0),
         logit_bias_init: float = -10.0,
         num_mixture_tokens: int | None = None,
+        attention_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if (vision.extra_tokens is None) == (num_mixture_tokens is None):
@@ -215,7 +224,7 @@ class Llip(nn.Module):
             self.mixture_pool = AttentionPooler(vision.width, vision.width, num_mixture_tokens, num_heads)
             nn.init.zeros_(self.mixture_pool.norm.weight)  # ReZero-style: each token starts as the pooled vector
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
-        self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads)
+        self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads, attention_temperature)
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 negatives: HardNegatives | None = None) -> LlipOutput:

@@ -39,7 +39,7 @@ def test_nothing_to_do_without_a_library(monkeypatch):
 @pytest.mark.skipif(not any(map(ctypes.util.find_library, allocator.LIBRARIES)), reason="no jemalloc/tcmalloc here")
 def test_the_rerun_process_has_the_library_mapped():
     code = ("from lightning_vlm.allocator import reexec_with_fast_malloc; reexec_with_fast_malloc(); "
-            "maps = open('/proc/self/maps').read(); print(any(name in maps for name in ('jemalloc', 'tcmalloc')))")
+            f"maps = open('/proc/self/maps').read(); print(any(name in maps for name in {allocator.LIBRARIES!r}))")
     env = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", allocator.SWITCH)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"

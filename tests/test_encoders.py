@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lightning_vlm.data.tokenizer import train_tokenizer
 from lightning_vlm.encoders import ConvStem, TextEncoder, VisionEncoder
-from lightning_vlm.losses import scale_logits
+from lightning_vlm.losses import LlipLoss, scale_logits
 from lightning_vlm.models import DualEncoder, Llip
 from lightning_vlm.models.contrastive import HardNegatives
 
@@ -220,6 +220,29 @@ def test_llip_conditioning_matches_per_pair_attention(temperature: float) -> Non
     assert torch.allclose(model.similarity(images, texts), expected, atol=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         Llip(*_towers(extra=4), embed_dim=32, attention_temperature=0.0)
+
+
+def test_llip_mixture_entropy_is_that_of_each_images_weights_under_its_own_caption() -> None:
+    """Normalised entropy of the per-head softmax over K tokens for the (image i, caption i) pairs: a hand-computed
+    reference; 1 at a temperature so high the weights are uniform; none for a single mixture token."""
+    model = Llip(*_towers(extra=4), embed_dim=32, num_heads=4, attention_temperature=0.1).eval()
+    attn = model.mixture_attn
+    images, texts = torch.randn(3, 4, 32), F.normalize(torch.randn(3, 32), dim=-1)
+    entropies = []
+    for i in range(3):
+        q = attn.q(texts[i]).view(4, 8)  # (heads, head dim)
+        k = attn.k(images[i]).view(4, 4, 8)  # (K tokens, heads, head dim)
+        weights = (torch.einsum("hd,khd->hk", q, k) * 8**-0.5 / 0.1).softmax(-1)
+        entropies.append(-(weights * weights.log()).sum(-1) / math.log(4))
+    expected = torch.stack(entropies).mean()
+    assert 0.05 < expected < 0.95  # sharp enough that the check is not the uniform case
+    torch.testing.assert_close(model.mixture_entropy(images, texts), expected)
+    attn.temperature = 1e6
+    torch.testing.assert_close(model.mixture_entropy(images, texts), torch.tensor(1.0))
+    assert model.mixture_entropy(images[:, :1], texts) is None
+    pixels, (ids, mask) = torch.randn(3, 3, 32, 32), _text_batch()
+    out = model(pixels, ids, mask)
+    assert LlipLoss()(out).stats["mixture_entropy"] == out.mixture_entropy
 
 
 def test_llip_pools_mixture_tokens_from_a_cnn() -> None:

@@ -187,8 +187,12 @@ class SigLIPLoss(nn.Module):
 
 
 class LlipLoss(nn.Module):
-    """Llip (Lavoie et al., 2024): sigmoid loss on caption-conditioned image-caption logits; term "sigmoid"."""
+    """Llip (Lavoie et al., 2024): sigmoid loss on caption-conditioned image-caption logits; term "sigmoid"; stats
+    also the mixing weights' normalised entropy (`Llip.mixture_entropy`)."""
 
     def forward(self, out: LlipOutput) -> LossOutput:
         loss = sigmoid_pair_loss(out.logits, rank_offset(out.logits.shape[0]), out.column_valid)
-        return LossOutput.from_terms({"sigmoid": loss}, _scale_stats(out.logit_scale, out.logit_bias))
+        stats = _scale_stats(out.logit_scale, out.logit_bias)
+        if out.mixture_entropy is not None:
+            stats["mixture_entropy"] = out.mixture_entropy
+        return LossOutput.from_terms({"sigmoid": loss}, stats)

@@ -68,12 +68,14 @@ class ContrastiveOutput:
 class LlipOutput:
     """logits: (B_local, B_global [+ M_global]) scaled and biased, local images against the captions of every
     rank in rank order, then every rank's real hard negatives; column_valid (B_local, n_columns) masks the copies
-    of a row's caption (None when every pair counts)."""
+    of a row's caption (None when every pair counts); mixture_entropy: `Llip.mixture_entropy` of the batch (a
+    detached scalar, logged), None where it is undefined (one mixture token)."""
 
     logits: Tensor
     logit_scale: Tensor
     logit_bias: Tensor | None
     column_valid: Tensor | None = None
+    mixture_entropy: Tensor | None = None
 
 
 class ContrastiveHeads(nn.Module):
@@ -230,12 +232,26 @@ class Llip(nn.Module):
                 negatives: HardNegatives | None = None) -> LlipOutput:
         """Local images against the captions (then hard negatives) of all ranks, gathered with gradients."""
         negative_emb = None if negatives is None else negatives.encode(self.encode_texts)
-        columns, valid = text_columns(self.encode_texts(input_ids, attention_mask), negative_emb,
-                                      None if negatives is None else negatives.valid,
+        captions = self.encode_texts(input_ids, attention_mask)
+        columns, valid = text_columns(captions, negative_emb, None if negatives is None else negatives.valid,
                                       caption_keys(input_ids, attention_mask),
                                       None if negatives is None else negatives.keys())
-        logits = self.similarity(self.encode_images(pixel_values), columns)
-        return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias, valid)
+        mixture = self.encode_images(pixel_values)
+        logits = self.similarity(mixture, columns)
+        return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias, valid,
+                          self.mixture_entropy(mixture, captions))
+
+    @torch.no_grad()
+    def mixture_entropy(self, mixture: Tensor, captions: Tensor) -> Tensor | None:
+        """Mean entropy of each image's mixing weights under its own caption, over ln K: 1 when the weights are
+        uniform (the caption no longer conditions the image: SigLIP on the tokens' mean), 0 when each head reads
+        one token. A softmax temperature so high that it starves the attention's gradient shows here as 1.0."""
+        num_tokens = mixture.shape[1]
+        if num_tokens == 1:
+            return None
+        weights, _ = self.mixture_attn(mixture, captions)
+        own = weights.diagonal(dim1=0, dim2=1).T.unflatten(-1, (self.mixture_attn.num_heads, num_tokens)).float()
+        return -(own * own.clamp_min(1e-12).log()).sum(-1).mean() / math.log(num_tokens)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, K, E) projected mixture tokens (not yet conditioned on a caption)."""

@@ -15,6 +15,7 @@ from PIL import Image
 
 from lightning_vlm.data.collate import IGNORE_INDEX, Collator, Example
 from lightning_vlm.data.datamodule import ShardDataModule
+from lightning_vlm.data.language import object_caption
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.sources import ShardSource
 from lightning_vlm.data.tasks import TextExample
@@ -117,6 +118,34 @@ def test_hard_negatives_are_the_samples_own_swaps_in_training_only(tiny_benchmar
         assert {t.replace(" .", ".") for t in own} <= {_spaced(c, tok) for c in swaps}
     assert not batch["negative_valid"].all()
     assert "negative_input_ids" not in next(iter(dm.val_dataloader()[0]))  # eval losses stay the plain ones
+
+
+def test_object_captions_caption_a_scene_of_several_objects_by_one_of_them_in_training_only(tiny_benchmark):
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1.0}, batch_size=32, object_captions=1.0,
+                         hard_negatives=2, hflip=0.5)
+    batch = next(iter(dm.train_dataloader()))
+    texts = dm.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    several = 0
+    for text, meta in zip(texts, batch["meta"]):
+        objects = meta["objects"]
+        if len(objects) == 1:
+            assert meta["target"] == meta["caption"]
+            continue
+        several += 1
+        assert meta["target"] in {object_caption(obj, meta.get("word")) for obj in objects}
+        assert text.replace(" .", ".") == _spaced(meta["target"], dm.tokenizer)  # what the model reads
+    assert several > 0
+    assert batch["negative_valid"].shape == (32 * 2,)  # the scene's own swaps still: false of the image as a whole
+    eval_meta = next(iter(dm.val_dataloader()[0]))["meta"]
+    assert all(meta["target"] == meta["caption"] for meta in eval_meta)
+    plain = ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1.0}, batch_size=32, hflip=0.5)
+    assert all(m["target"] == m["caption"] for m in next(iter(plain.train_dataloader()))["meta"])
+
+
+def test_object_caption_is_worded_as_the_scene_captions_name_an_object():
+    obj = {"size": "small", "color": "red", "shape": "circle", "box": [0, 0, 1, 1]}
+    assert object_caption(obj, None) == "a small red circle."
+    assert object_caption(obj, "cup") == "a small red circle. the word cup is written."
 
 
 def _spaced(caption: str, tok) -> str:

@@ -53,6 +53,8 @@ class ShardDataModule(LightningDataModule):
         image_mean / image_std: None takes the model's (its vision backbone's) statistics, else CLIP's.
         hard_negatives: hard-negative captions per contrastive training example, drawn from the json's swaps
             (NegCLIP); contrastive losses score them as extra negatives. Evaluation batches carry none.
+        object_captions: the probability that a contrastive training example of a scene of several objects is
+            captioned by one of its objects alone (`TaskFormatter`); evaluation keeps the scenes' captions.
         caption_prompt / system_prompt: the prompt of captioning examples, and a text put before every
             generative prompt (both outside the labels).
         chat_turns: the most questions of a ``chat`` example; shots: the demonstrations before a ``fewshot``
@@ -85,6 +87,7 @@ class ShardDataModule(LightningDataModule):
         caption_prompt: str = "",
         loc_bins: int = 32,
         hard_negatives: int = 0,
+        object_captions: float = 0.0,
         system_prompt: str = "",
         seed: int = 0,
         train_fraction: float = 1.0,
@@ -164,8 +167,8 @@ class ShardDataModule(LightningDataModule):
         )
         negatives = self.hparams.hard_negatives if train else 0  # eval losses stay comparable across recipes
         formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins,
-                                  hard_negatives=negatives, system_prompt=self.hparams.system_prompt,
-                                  chat_turns=self.hparams.chat_turns)
+                                  hard_negatives=negatives, object_captions=self.hparams.object_captions if train else 0.0,
+                                  system_prompt=self.hparams.system_prompt, chat_turns=self.hparams.chat_turns)
         collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer,
                            getattr(self._model(), "image_token", None), self.hparams.shots)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -66,12 +66,23 @@ def hard_negatives(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     return [{"caption": rng.choice(texts), "kind": kind} for kind, texts in options.items() if texts]
 
 
+def object_caption(obj: dict[str, str], word: str | None) -> str:
+    """One object of a scene (a json ``objects`` entry) captioned alone, worded as the scene's caption names it,
+    with the written word's sentence if any: a true description of part of the image."""
+    return _joined([OBJECT_PHRASE.format(size=obj["size"], color=obj["color"], shape=obj["shape"])], word)
+
+
 def _write(objects: list[SceneObject], parts: list[Clause], word: str | None) -> str:
     """The caption's sentences: one per clause, then the word if any."""
     sentences = [_phrase(objects[i]) + (f" {rel} {_phrase(objects[j])}" if rel and j is not None else "")
                  for i, rel, j in parts]  # fmt: skip
+    return _joined(sentences, word)
+
+
+def _joined(sentences: list[str], word: str | None) -> str:
+    """Sentences as a caption, the written word's sentence last."""
     if word is not None:
-        sentences.append(WORD_SENTENCE.format(word))
+        sentences = [*sentences, WORD_SENTENCE.format(word)]
     return ". ".join(sentences) + "."
 
 

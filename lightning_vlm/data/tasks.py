@@ -8,7 +8,11 @@ their answered questions, interleaved; the collator draws the demonstrations fro
 cannot serve (plain caption data has no questions) falls back to captioning.
 
 Contrastive examples may also carry ``hard_negatives`` captions from the sample's json (NegCLIP, Yuksekgonul
-et al., 2023): the same scene with one colour, shape, size or relation swapped, scored as extra negatives.
+et al., 2023): the same scene with one colour, shape, size or relation swapped, scored as extra negatives. With
+``object_captions: p`` a scene of several objects is captioned, with probability p, by one of its objects alone
+(the sub-captions of DreamLIP, Zheng et al., 2024, and DCI's region captions): a true description of part of the
+image, which Llip's caption-conditioned embedding is built to match and which would otherwise only ever be
+another image's caption, that is, a negative.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lightning_vlm.data.language import object_caption
 from lightning_vlm.data.reading import RawSample
 
 IMAGE_TOKEN = "<image>"  # where an image stands in the text of a model that places images (data/collate.py)
@@ -61,7 +66,8 @@ def box_to_tokens(box: list[float], image_size: int, bins: int) -> str:
 @dataclass
 class TaskFormatter:
     """Draws a task per sample by weight and writes its prompt and target; contrastive examples get
-    ``hard_negatives`` negative captions drawn without replacement from the sample's json. ``system_prompt``
+    ``hard_negatives`` negative captions drawn without replacement from the sample's json, and with probability
+    ``object_captions`` (scenes of several objects only) one object's caption instead of the scene's. ``system_prompt``
     goes with every generative example (a system message under a chat template, else text before the prompt).
     ``chat_turns``: the most questions a chat example asks (at least two when the sample has them)."""
 
@@ -70,6 +76,7 @@ class TaskFormatter:
     grounding_template: str = "where is the {name}?"
     loc_bins: int = 32
     hard_negatives: int = 0
+    object_captions: float = 0.0
     system_prompt: str = ""
     chat_turns: int = 3
 
@@ -111,8 +118,17 @@ class TaskFormatter:
                 target = box_to_tokens(obj["box"], image_size, self.loc_bins)
                 return TextExample("grounding", self.grounding_template.format(name=name), target, {"box": obj["box"]})
         if task == "contrastive":
-            return TextExample("contrastive", "", sample.caption, negatives=self._negatives(sample, rng))
+            caption = self._object_caption(sample, rng) or sample.caption
+            return TextExample("contrastive", "", caption, negatives=self._negatives(sample, rng))
         return TextExample("caption", self.caption_prompt, sample.caption)
+
+    def _object_caption(self, sample: RawSample, rng: random.Random) -> str | None:
+        """With probability ``object_captions``, one object of a scene of several captioned alone; else None (and
+        no draw from ``rng`` when the option is off, so runs without it see the same stream as before)."""
+        objects = sample.info.get("objects", [])
+        if not self.object_captions or len(objects) < 2 or rng.random() >= self.object_captions:
+            return None
+        return object_caption(rng.choice(objects), sample.info.get("word"))
 
     def _negatives(self, sample: RawSample, rng: random.Random) -> list[str | None]:
         """``hard_negatives`` captions of the sample's swaps, padded with None when it has fewer."""

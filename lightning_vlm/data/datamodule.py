@@ -166,8 +166,9 @@ class ShardDataModule(LightningDataModule):
             crop_scale=self.hparams.crop_scale if train else None,
         )
         negatives = self.hparams.hard_negatives if train else 0  # eval losses stay comparable across recipes
+        object_captions = self.hparams.object_captions if train else 0.0  # evaluation scores the scenes' captions
         formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins,
-                                  hard_negatives=negatives, object_captions=self.hparams.object_captions if train else 0.0,
+                                  hard_negatives=negatives, object_captions=object_captions,
                                   system_prompt=self.hparams.system_prompt, chat_turns=self.hparams.chat_turns)
         collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer,
                            getattr(self._model(), "image_token", None), self.hparams.shots)

@@ -184,13 +184,16 @@ class MixtureCrossAttention(nn.Module):
         The output projection is linear, so it maps each image's K value tokens (per head) once instead of the
         I x T mixed ones: out(concat_h sum_k a_hk v_hk) = sum_hk a_hk (W_out^h v_hk) + b.
         """
-        q = self.q(queries).unflatten(-1, (self.num_heads, -1))  # (T, h, d)
-        k = self.k(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         v = self.v(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         values = torch.einsum("ikhd,ehd->ihke", v, self.out.weight.unflatten(1, (self.num_heads, -1)))
+        return self.weights(mixture, queries).flatten(2), values.flatten(1, 2)
+
+    def weights(self, mixture: Tensor, queries: Tensor) -> Tensor:
+        """mixture (I, K, E), queries (T, E) -> (I, T, h, K): each head's softmax over an image's K tokens."""
+        q = self.q(queries).unflatten(-1, (self.num_heads, -1))  # (T, h, d)
+        k = self.k(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
         scale = q.shape[-1] ** -0.5 / self.temperature
-        weights = (torch.einsum("thd,ikhd->ithk", q, k) * scale).softmax(dim=-1)
-        return weights.flatten(2), values.flatten(1, 2)
+        return (torch.einsum("thd,ikhd->ithk", q, k) * scale).softmax(dim=-1)
 
 
 class Llip(nn.Module):
@@ -245,12 +248,13 @@ class Llip(nn.Module):
     def mixture_entropy(self, mixture: Tensor, captions: Tensor) -> Tensor | None:
         """Mean entropy of each image's mixing weights under its own caption, over ln K: 1 when the weights are
         uniform (the caption no longer conditions the image: SigLIP on the tokens' mean), 0 when each head reads
-        one token. A softmax temperature so high that it starves the attention's gradient shows here as 1.0."""
+        one token. Query and key maps that never learned (README: "Llip's mixture attention mostly never wakes")
+        show here as 1.0."""
         num_tokens = mixture.shape[1]
         if num_tokens == 1:
             return None
-        weights, _ = self.mixture_attn(mixture, captions)
-        own = weights.diagonal(dim1=0, dim2=1).T.unflatten(-1, (self.mixture_attn.num_heads, num_tokens)).float()
+        weights = self.mixture_attn.weights(mixture, captions)  # (I, T = I, h, K)
+        own = weights.diagonal(dim1=0, dim2=1).movedim(-1, 0).float()  # (I, h, K): each image under its caption
         return -(own * own.clamp_min(1e-12).log()).sum(-1).mean() / math.log(num_tokens)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:

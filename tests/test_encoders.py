@@ -269,6 +269,21 @@ def test_llip_pools_mixture_tokens_from_a_cnn() -> None:
         Llip(*_towers(extra=4), num_mixture_tokens=3)
 
 
+def test_llip_mixture_query_std_sets_how_distinct_the_reads_start() -> None:
+    """At the default 0.02 the pooler's K queries all start reading the map's mean, so the mixture tokens start
+    alike; at 1 each starts reading its own mix of the map (its attention far from uniform)."""
+    departures = {}
+    for std in (0.02, 1.0):
+        torch.manual_seed(0)
+        model = Llip(VisionEncoder("resnet10t", overrides=CNN), TextEncoder(vocab_size=VOCAB), embed_dim=32,
+                     num_heads=1, num_mixture_tokens=4, mixture_query_std=std)
+        pool, tokens = model.mixture_pool, model.vision(torch.randn(2, 3, 64, 64)).tokens
+        _, weights = pool.attention(pool.queries.expand(2, -1, -1), tokens, tokens, need_weights=True)
+        assert torch.allclose(pool.queries.std(), torch.tensor(std), rtol=0.1)
+        departures[std] = (weights - 1 / tokens.shape[1]).abs().max()
+    assert departures[0.02] < 1e-3 and departures[1.0] > 20 * departures[0.02]
+
+
 def test_cnn_runs_channels_last_with_the_same_outputs() -> None:
     torch.manual_seed(0)
     cnn = VisionEncoder("resnet10t", overrides=CNN)

@@ -205,6 +205,10 @@ class Llip(nn.Module):
     each of K learned queries reads from its output tokens (`num_mixture_tokens=K`, an attentional pooler as in
     CoCa, its output scale starting at zero): training starts from SigLIP on the pooled vector, and the tokens
     part from it only as far as the captions reward. `attention_temperature` is the mixing softmax's temperature.
+    `mixture_query_std` is the scale of the pooler's queries at initialisation: at 0.02 its K reads start alike, so
+    the mixing attention has nothing to tell apart and (README: "Llip's mixture attention mostly never wakes") it
+    mostly stays uniform; at 1 the reads start distinct and the attention learns to condition within a few hundred
+    steps.
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class Llip(nn.Module):
         logit_bias_init: float = -10.0,
         num_mixture_tokens: int | None = None,
         attention_temperature: float = 1.0,
+        mixture_query_std: float = 0.02,
     ) -> None:
         super().__init__()
         if (vision.extra_tokens is None) == (num_mixture_tokens is None):
@@ -226,7 +231,8 @@ class Llip(nn.Module):
         self.text = text
         self.mixture_pool = None
         if num_mixture_tokens is not None:
-            self.mixture_pool = AttentionPooler(vision.width, vision.width, num_mixture_tokens, num_heads)
+            self.mixture_pool = AttentionPooler(vision.width, vision.width, num_mixture_tokens, num_heads,
+                                                mixture_query_std)
             nn.init.zeros_(self.mixture_pool.norm.weight)  # ReZero-style: each token starts as the pooled vector
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads, attention_temperature)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning_vlm.data.tokenizer import train_tokenizer
 from lightning_vlm.encoders import ConvStem, TextEncoder, VisionEncoder
 from lightning_vlm.losses import LlipLoss, scale_logits
+from lightning_vlm.losses.contrastive import sigmoid_pair_loss
 from lightning_vlm.models import DualEncoder, Llip
 from lightning_vlm.models.contrastive import HardNegatives
 
@@ -267,6 +268,24 @@ def test_llip_pools_mixture_tokens_from_a_cnn() -> None:
     assert model.mixture_pool.queries.grad.abs().sum() > 0 and cnn.model.conv1[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="exactly one"):
         Llip(*_towers(extra=4), num_mixture_tokens=3)
+
+
+def test_llip_uniform_anchor_scores_the_uniform_mix_and_trains_no_query_or_key() -> None:
+    """The anchor logits are the conditioned logits in the uniform limit (an infinite mixing temperature); LlipLoss
+    adds them as term "anchor" times its weight, and that term sends no gradient to the mixing queries or keys."""
+    model = Llip(*_towers(extra=4), embed_dim=32, num_heads=4, uniform_anchor=True).eval()
+    pixels, (ids, mask) = torch.randn(3, 3, 32, 32), _text_batch()
+    out = model(pixels, ids, mask)
+    model.mixture_attn.temperature = 1e9
+    uniform = model.similarity(model.encode_images(pixels), model.encode_texts(ids, mask))
+    torch.testing.assert_close(out.anchor_logits, uniform, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.anchor_logits, out.logits, atol=1e-3)  # the conditioned logits differ
+    terms = LlipLoss(anchor_weight=0.5)(out).terms
+    torch.testing.assert_close(terms["anchor"], 0.5 * sigmoid_pair_loss(out.anchor_logits, 0))
+    terms["anchor"].backward()
+    attn = model.mixture_attn
+    assert attn.q.weight.grad is None and attn.k.weight.grad is None and attn.v.weight.grad.abs().sum() > 0
+    assert Llip(*_towers(extra=4))(pixels, ids, mask).anchor_logits is None  # off by default: no "anchor" term
 
 
 def test_llip_mixture_query_std_sets_how_distinct_the_reads_start() -> None:

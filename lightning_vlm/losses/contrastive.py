@@ -188,11 +188,19 @@ class SigLIPLoss(nn.Module):
 
 class LlipLoss(nn.Module):
     """Llip (Lavoie et al., 2024): sigmoid loss on caption-conditioned image-caption logits; term "sigmoid"; stats
-    also the mixing weights' normalised entropy (`Llip.mixture_entropy`)."""
+    also the mixing weights' normalised entropy (`Llip.mixture_entropy`). With `Llip(uniform_anchor=True)` the same
+    loss on the caption-independent logits is added as term "anchor", times `anchor_weight`."""
+
+    def __init__(self, anchor_weight: float = 1.0) -> None:
+        super().__init__()
+        self.anchor_weight = anchor_weight
 
     def forward(self, out: LlipOutput) -> LossOutput:
-        loss = sigmoid_pair_loss(out.logits, rank_offset(out.logits.shape[0]), out.column_valid)
+        offset = rank_offset(out.logits.shape[0])
+        terms = {"sigmoid": sigmoid_pair_loss(out.logits, offset, out.column_valid)}
+        if out.anchor_logits is not None:
+            terms["anchor"] = self.anchor_weight * sigmoid_pair_loss(out.anchor_logits, offset, out.column_valid)
         stats = _scale_stats(out.logit_scale, out.logit_bias)
         if out.mixture_entropy is not None:
             stats["mixture_entropy"] = out.mixture_entropy
-        return LossOutput.from_terms({"sigmoid": loss}, stats)
+        return LossOutput.from_terms(terms, stats)

@@ -69,13 +69,15 @@ class LlipOutput:
     """logits: (B_local, B_global [+ M_global]) scaled and biased, local images against the captions of every
     rank in rank order, then every rank's real hard negatives; column_valid (B_local, n_columns) masks the copies
     of a row's caption (None when every pair counts); mixture_entropy: `Llip.mixture_entropy` of the batch (a
-    detached scalar, logged), None where it is undefined (one mixture token)."""
+    detached scalar, logged), None where it is undefined (one mixture token); anchor_logits: the same columns scored
+    against each image's caption-independent embedding (`Llip(uniform_anchor=True)`), else None."""
 
     logits: Tensor
     logit_scale: Tensor
     logit_bias: Tensor | None
     column_valid: Tensor | None = None
     mixture_entropy: Tensor | None = None
+    anchor_logits: Tensor | None = None
 
 
 class ContrastiveHeads(nn.Module):
@@ -184,9 +186,16 @@ class MixtureCrossAttention(nn.Module):
         The output projection is linear, so it maps each image's K value tokens (per head) once instead of the
         I x T mixed ones: out(concat_h sum_k a_hk v_hk) = sum_hk a_hk (W_out^h v_hk) + b.
         """
+        return self.weights(mixture, queries).flatten(2), self.values(mixture).flatten(1, 2)
+
+    def values(self, mixture: Tensor) -> Tensor:
+        """mixture (I, K, E) -> (I, h, K, E): each head's value tokens through its slice of the output projection."""
         v = self.v(mixture).unflatten(-1, (self.num_heads, -1))  # (I, K, h, d)
-        values = torch.einsum("ikhd,ehd->ihke", v, self.out.weight.unflatten(1, (self.num_heads, -1)))
-        return self.weights(mixture, queries).flatten(2), values.flatten(1, 2)
+        return torch.einsum("ikhd,ehd->ihke", v, self.out.weight.unflatten(1, (self.num_heads, -1)))
+
+    def uniform(self, mixture: Tensor) -> Tensor:
+        """mixture (I, K, E) -> (I, E): the output under uniform weights, which no caption conditions."""
+        return self.values(mixture).mean(dim=2).sum(dim=1) + self.out.bias
 
     def weights(self, mixture: Tensor, queries: Tensor) -> Tensor:
         """mixture (I, K, E), queries (T, E) -> (I, T, h, K): each head's softmax over an image's K tokens."""
@@ -208,7 +217,9 @@ class Llip(nn.Module):
     `mixture_query_std` is the scale of the pooler's queries at initialisation: at 0.02 its K reads start alike, so
     the mixing attention has nothing to tell apart and (README: "Llip's mixture attention mostly never wakes") it
     mostly stays uniform; at 1 the reads start distinct and the attention learns to condition within a few hundred
-    steps.
+    steps. `uniform_anchor` also contrasts each image's uniform mix, which no caption conditions, with the same
+    columns (LlipLoss's "anchor" term; not in the paper: a regulariser that keeps the tokens' mean a whole SigLIP
+    embedding while the captions condition around it).
     """
 
     def __init__(
@@ -222,6 +233,7 @@ class Llip(nn.Module):
         num_mixture_tokens: int | None = None,
         attention_temperature: float = 1.0,
         mixture_query_std: float = 0.02,
+        uniform_anchor: bool = False,
     ) -> None:
         super().__init__()
         if (vision.extra_tokens is None) == (num_mixture_tokens is None):
@@ -236,6 +248,7 @@ class Llip(nn.Module):
             nn.init.zeros_(self.mixture_pool.norm.weight)  # ReZero-style: each token starts as the pooled vector
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads, attention_temperature)
+        self.uniform_anchor = uniform_anchor
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 negatives: HardNegatives | None = None) -> LlipOutput:
@@ -247,8 +260,12 @@ class Llip(nn.Module):
                                       None if negatives is None else negatives.keys())
         mixture = self.encode_images(pixel_values)
         logits = self.similarity(mixture, columns)
+        anchor = None
+        if self.uniform_anchor:
+            uniform = F.normalize(self.mixture_attn.uniform(mixture), dim=-1)
+            anchor = scale_logits(cosine_matrix(uniform, columns), self.heads.logit_scale, self.heads.logit_bias)
         return LlipOutput(logits, self.heads.logit_scale, self.heads.logit_bias, valid,
-                          self.mixture_entropy(mixture, captions))
+                          self.mixture_entropy(mixture, captions), anchor)
 
     @torch.no_grad()
     def mixture_entropy(self, mixture: Tensor, captions: Tensor) -> Tensor | None:

@@ -216,6 +216,17 @@ def test_first_rows_bring_the_demonstration_images_they_show(tiny_benchmark):
     assert paradigm._answers(head) == paradigm._answers(batch)[:2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_first_rows_of_a_batch_on_the_gpu(tiny_benchmark):
+    """The sample logger's rows of a GPU batch (this failed on an H200: the renumbering table stayed on the CPU)."""
+    paradigm = ImageToText(build("llava", tiny_benchmark), generation={"max_new_tokens": 3})
+    batch = fewshot_batch(paradigm, tiny_benchmark)
+    on_gpu = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    head = first_rows(on_gpu, 2)
+    assert head["image_index"].device.type == "cuda"
+    assert head["image_index"].tolist() == first_rows(batch, 2)["image_index"].tolist()
+
+
 def test_fewshot_training_evaluates_and_draws_samples(tiny_benchmark, tmp_path):
     """A fit over few-shot batches: the sample grid generates from rows whose demonstrations lie beyond it."""
     paradigm = ImageToText(build("flamingo", tiny_benchmark), eval_max_samples=8, warmup_steps=1,

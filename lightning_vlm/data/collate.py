@@ -215,8 +215,8 @@ def first_rows(batch: dict, count: int) -> dict:
         return rows
     index = rows["image_index"]
     later = sorted(set(index[index >= count].tolist()))
-    renumber = torch.arange(len(batch["pixel_values"]))
-    renumber[later] = torch.arange(count, count + len(later))
+    renumber = torch.arange(len(batch["pixel_values"]), device=index.device)
+    renumber[later] = torch.arange(count, count + len(later), device=index.device)
     rows["pixel_values"] = torch.cat([rows["pixel_values"], batch["pixel_values"][later]])
     rows["image_index"] = torch.where(index >= 0, renumber[index.clamp_min(0)], index)
     return rows

@@ -135,13 +135,12 @@ class BLIP2Paradigm(ImageToText):
         """Image->text recall@1/5 after re-scoring each image's ITC top-k distinct captions with ITM."""
         captions = [meta["caption"] for meta in suite.metas]
         distinct = list(dict.fromkeys(captions))
-        ids, mask = self.qformer_tokenize(distinct)
+        ids, mask = (tensor.to(self.device) for tensor in self.qformer_tokenize(distinct))
         images = torch.cat(suite.image_reprs)
-        itc = self.model.similarity(images, self.model.encode_texts(ids.to(self.device), mask.to(self.device)))
+        itc = self.model.similarity(images, self.model.encode_texts(ids, mask))
 
         def itm(rows: Tensor, cols: Tensor) -> Tensor:
-            logits = self.model.match_logits(features[rows], ids[cols].to(self.device), mask[cols].to(self.device))
-            return logits.softmax(-1)[:, 1]
+            return self.model.match_logits(features[rows], ids[cols], mask[cols]).softmax(-1)[:, 1]
 
         recalls = rerank_recall(itc, itm, captions, distinct, self.rerank_k)
         return {f"{split}/{name}": value for name, value in recalls.items()}

@@ -4,6 +4,7 @@ lists starts from exactly the recipes it names, and every metric has a tolerance
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,12 @@ def test_compare_flags_a_metric_outside_its_tolerance(reproduce, capsys):
     assert not reproduce.compare("x", entry, {"val/vqa_color": 0.70, "val/cider_d": 5.0}, tolerances)
     assert not reproduce.compare("x", entry, {"val/vqa_color": 0.80}, tolerances)
     assert "**outside**" in capsys.readouterr().out
+
+
+def test_recipes_carry_no_measured_numbers():
+    """Measured numbers go stale in a comment: they live in docs/results/reference.json."""
+    pattern = re.compile(r"\b\d+:\d\d\b|\b0\.\d{3}\b|[Mm]easured")
+    for path in sorted((ROOT / "recipes").rglob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            comment = line.partition("#")[2]
+            assert not pattern.search(comment), f"{path.name}:{number} quotes a measurement: {line.strip()}"

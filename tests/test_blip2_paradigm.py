@@ -257,3 +257,22 @@ def test_plan_apply_puts_a_model_in_a_phase_outside_a_trainer(tiny_benchmark):
     assert not any(p.requires_grad for p in paradigm.model.vision.parameters()) and not paradigm.model.vision.training
     assert all(p.requires_grad for p in paradigm.model.language_model.parameters())
     assert paradigm.lr_multipliers == {"language_model": 0.5}
+
+
+@pytest.mark.parametrize("vision_norm", [True, False])
+def test_the_queries_read_the_encoder_whatever_its_feature_scale(tiny_benchmark, vision_norm):
+    """With ``vision_norm`` (BLIP-2's ln_vision) a frozen encoder whose tokens come out 8 times larger (its last
+    GroupNorm's affine scaled: the same encoder otherwise) gives the Q-Former the same queries; without it, not."""
+    torch.manual_seed(0)
+    model = BLIP2(VisionEncoder("resnet10t", overrides=TINY_CNN),
+                  lambda width: QFormer(width, config=TINY_BERT, tokenizer=tiny_benchmark, num_queries=4),
+                  embed_dim=16, vision_norm=vision_norm).eval()
+    images = torch.randn(2, 3, 64, 64)
+    tokens, before = model.vision(images).tokens, model.queries(model.image_features(images))
+    last_block = model.vision.model.layer4[-1]
+    with torch.no_grad():
+        for norm in (last_block.bn2, last_block.downsample[-1]):  # the residual sum, so the block's output, x 8
+            norm.weight.mul_(8.0), norm.bias.mul_(8.0)
+    assert torch.allclose(model.vision(images).tokens, 8 * tokens, rtol=1e-4, atol=1e-5)
+    after = model.queries(model.image_features(images))
+    assert torch.allclose(after, before, atol=1e-4) == vision_norm

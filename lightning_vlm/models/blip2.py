@@ -63,7 +63,10 @@ class BLIP2(VisualPromptLM):
 
     ``qformer`` is called with the image encoder's width (so YAML never repeats it); ``language_model`` is
     optional: without it the model is stage 1 only. ``instruction_aware``: the paradigm gives the visual prompt
-    each image's instruction (`instructed`), which the queries read (InstructBLIP).
+    each image's instruction (`instructed`), which the queries read (InstructBLIP). ``vision_norm``: a trainable
+    LayerNorm over the frozen encoder's tokens before the queries read them (the paper's ``ln_vision``), so the
+    Q-Former starts from unit-scale features whatever encoder it is given: its cross-attention turns their scale
+    into attention sharpness and into how much each read outweighs the queries in the post-norm residual.
     """
 
     def __init__(
@@ -76,9 +79,11 @@ class BLIP2(VisualPromptLM):
         logit_scale_init: float = math.log(1 / 0.07),
         itg_label_smoothing: float = 0.1,
         instruction_aware: bool = False,
+        vision_norm: bool = True,
     ) -> None:
         super().__init__()
         self.vision = vision
+        self.vision_norm = nn.LayerNorm(vision.width) if vision_norm else nn.Identity()
         self.qformer = qformer(vision.width)
         width = self.qformer.width
         self.vision_proj = nn.Linear(width, embed_dim)
@@ -94,8 +99,9 @@ class BLIP2(VisualPromptLM):
 
     # ---- shared pieces --------------------------------------------------------------------------------------
     def image_features(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, N, D_v) every token of the image encoder, what the queries cross-attend to."""
-        return self.vision(pixel_values).tokens
+        """(B, 3, H, W) -> (B, N, D_v) every token of the image encoder, normalised: what the queries cross-attend
+        to."""
+        return self.vision_norm(self.vision(pixel_values).tokens)
 
     def queries(self, image: Tensor, instruction: TextBatch | None = None) -> Tensor:
         """(B, N, D_v) image features -> (B, Q, D) query outputs: alone (what BLIP-2's stage 2 and ITC's image side
@@ -175,8 +181,8 @@ class BLIP2(VisualPromptLM):
 
     def layer_groups(self) -> dict[str, nn.Module]:
         """Named parts for staged freezing."""
-        groups = {"vision": self.vision, "qformer": self.qformer, "heads": nn.ModuleList(
-            [self.vision_proj, self.text_proj, self.itm_head, self.itg_head.transform])}
+        heads = nn.ModuleList([self.vision_proj, self.text_proj, self.itm_head, self.itg_head.transform])
+        groups = {"vision": self.vision, "vision_norm": self.vision_norm, "qformer": self.qformer, "heads": heads}
         if self.language_model is not None:
             groups.update(language_model=self.language_model, lm_projection=self.lm_projection)
         return groups

@@ -276,3 +276,28 @@ def test_the_queries_read_the_encoder_whatever_its_feature_scale(tiny_benchmark,
     assert torch.allclose(model.vision(images).tokens, 8 * tokens, rtol=1e-4, atol=1e-5)
     after = model.queries(model.image_features(images))
     assert torch.allclose(after, before, atol=1e-4) == vision_norm
+
+
+def test_keep_itc_override_keeps_the_contrastive_term_in_stage_two(tiny_benchmark, tmp_path, monkeypatch):
+    """recipes/blip2_tuning/keep_itc.yaml on top of blip2.yaml: stage 2 trains ITC beside the LM loss, into its own
+    checkpoint folder; stage 1 and the stage boundary stay the recipe's."""
+    from pathlib import Path
+
+    from lightning_vlm.cli import VLMCLI
+
+    recipes = Path(__file__).parents[1] / "recipes"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(tiny_benchmark)  # the recipe's tokenizers read the default data
+    configs = {}
+    for name, extra in (("recipe", []), ("keep_itc", ["--config", str(recipes / "blip2_tuning" / "keep_itc.yaml")])):
+        cli = VLMCLI(args=["--config", str(recipes / "blip2.yaml"), *extra, "--model.init_args.init_from", "[]",
+                           "--trainer.logger", "false"], run=False)
+        plan = next(c for c in cli.trainer.callbacks if isinstance(c, StagedFreezing))
+        checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+        plan.apply(cli.model)
+        configs[name] = (plan.phases, Path(checkpoint.dirpath).name, cli.model.loss_weights)
+    (recipe_phases, recipe_dir, recipe_weights), (phases, folder, weights) = configs["recipe"], configs["keep_itc"]
+    assert recipe_weights["itc"] == 0.0 and weights["itc"] == 1.0 and weights["lm"] == recipe_weights["lm"] == 1.0
+    assert phases[0] == recipe_phases[0] and phases[1].start_step == recipe_phases[1].start_step
+    assert (recipe_dir, folder) == ("blip2", "blip2_keep_itc")

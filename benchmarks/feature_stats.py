@@ -1,0 +1,80 @@
+"""The statistics of a frozen image encoder's tokens, as a reader downstream (a Q-Former, a projector) first sees them.
+
+Encodes 1,000 val images with the encoder of one or more checkpoints and prints, side by side, what sets how a reader
+trained from scratch can start: the scale of the tokens (RMS over channels, its spread over images), how sparse they
+are (the share of exact zeros a ReLU leaves), how many channels carry the variance across images (participation
+ratio of the channel covariance's eigenvalues), and how alike two images' tokens are (mean cosine between images),
+raw and after a LayerNorm over channels (what `BLIP2(vision_norm=True)` hands its Q-Former, before its affine).
+
+    python benchmarks/feature_stats.py --config recipes/clip.yaml --checkpoint checkpoints/clip/last.ckpt [OTHER.ckpt ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_vlm.cli import VLMCLI, load_model
+
+
+@torch.no_grad()
+def val_tokens(config: str, checkpoint: str, count: int) -> Tensor:
+    """(count, N, D) float32 tokens of the first `count` val images under the checkpoint's image encoder."""
+    model = load_model(config, checkpoint)
+    datamodule = VLMCLI(args=["--config", config, "--trainer.logger", "false"], run=False,
+                        trainer_defaults={}).datamodule
+    datamodule.hparams.update(hflip=0.0, image_mean=model.image_mean, image_std=model.image_std)
+    datamodule.setup("fit")
+    tokens, seen = [], 0
+    for batch in datamodule.val_dataloader()[0]:
+        tokens.append(model.model.vision(batch["pixel_values"]).tokens.float())
+        seen += len(tokens[-1])
+        if seen >= count:
+            break
+    return torch.cat(tokens)[:count]
+
+
+def statistics(tokens: Tensor) -> dict[str, float]:
+    """Scale, sparsity, channel spread and image-to-image similarity of (B, N, D) tokens."""
+    rms = tokens.pow(2).mean(-1).sqrt()  # (B, N)
+    flat = tokens.flatten(1)  # an image as the concatenation of its tokens
+    centred = flat - flat.mean(0)
+    eigenvalues = torch.linalg.eigvalsh(centred.T @ centred / len(flat)).clamp_min(0)
+    unit = F.normalize(flat, dim=-1)
+    cosine = unit @ unit.T
+    off_diagonal = cosine[~torch.eye(len(cosine), dtype=torch.bool)]
+    return {
+        "token RMS": rms.mean().item(),
+        "RMS spread (std / mean)": (rms.std() / rms.mean()).item(),
+        "max |value|": tokens.abs().max().item(),
+        "zeros": (tokens == 0).float().mean().item(),
+        "participation ratio": (eigenvalues.sum() ** 2 / eigenvalues.pow(2).sum()).item(),
+        "image-image cosine": off_diagonal.mean().item(),
+        "between-image / total variance": (centred.pow(2).sum() / flat.pow(2).sum()).item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the recipe that trained the image encoder")
+    parser.add_argument("--checkpoint", required=True, nargs="+")
+    parser.add_argument("--images", type=int, default=1000)
+    args = parser.parse_args()
+    rows: dict[str, list[float]] = {}
+    for checkpoint in args.checkpoint:
+        tokens = val_tokens(args.config, checkpoint, args.images)
+        normed = F.layer_norm(tokens, tokens.shape[-1:])
+        for suffix, stats in (("", statistics(tokens)), (", layer-normed", statistics(normed))):
+            for name, value in stats.items():
+                rows.setdefault(name + suffix, []).append(value)
+    print("| statistic | " + " | ".join(args.checkpoint) + " |")
+    print("| --- |" + " --- |" * len(args.checkpoint))
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -121,10 +121,11 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """This checkout's commit, marked ``+changes`` when files differ from it."""
+    """This checkout's commit, marked ``+changes`` when files other than the reference file (which ``--update``
+    itself rewrites) differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                             text=True)
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              f":!{REFERENCE.relative_to(ROOT)}"], cwd=ROOT, capture_output=True, text=True)
     return (head.stdout.strip() or "unknown") + ("+changes" if changed.stdout.strip() else "")
 
 

@@ -103,4 +103,4 @@ def test_chained_recipe_learns_to_answer_from_the_clip_encoder(recipe, clip_run,
     colour answers are far above the majority answer."""
     config = shortened(recipe, benchmark, steps=600, batch_size=64, stage_two=100)
     metrics = fit(config, workdir, monkeypatch)
-    assert metrics["val/vqa_color"] > majority_answer_rate(benchmark, "color") + 0.3
+    assert metrics["val/vqa_color"] > majority_answer_rate(benchmark, "color") + 0.2

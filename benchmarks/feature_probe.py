@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from lightning import LightningDataModule
 from torch import Tensor, nn
 
 from lightning_vlm.cli import VLMCLI, load_model
@@ -45,6 +46,16 @@ class AttentionProbe(nn.Module):
         for attention in self.attention:
             query = query + attention(query, context, context, need_weights=False)[0]
         return self.head(query[:, 0])
+
+
+def encoder_and_data(config: str, checkpoint: str) -> tuple[nn.Module, LightningDataModule]:
+    """The checkpoint's image encoder and the recipe's data, set up to feed it its own normalisation, unflipped."""
+    model = load_model(config, checkpoint)
+    datamodule = VLMCLI(args=["--config", config, "--trainer.logger", "false"], run=False,
+                        trainer_defaults={}).datamodule
+    datamodule.hparams.update(hflip=0.0, image_mean=model.image_mean, image_std=model.image_std)
+    datamodule.setup("fit")
+    return model.model.vision, datamodule
 
 
 @torch.no_grad()
@@ -98,12 +109,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = load_model(args.config, args.checkpoint)
-    datamodule = VLMCLI(args=["--config", args.config, "--trainer.logger", "false"], run=False,
-                        trainer_defaults={}).datamodule
-    datamodule.hparams.update(hflip=0.0, image_mean=model.image_mean, image_std=model.image_std)
-    datamodule.setup("fit")
-    vision = model.model.vision
+    vision, datamodule = encoder_and_data(args.config, args.checkpoint)
     train_features, train_metas = encode(vision, datamodule.train_dataloader(), args.images)
     val_features, val_metas = encode(vision, datamodule.val_dataloader()[0], 1000)
     manifest = read_manifest(datamodule.hparams.root)

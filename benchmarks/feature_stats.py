@@ -17,24 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_vlm.cli import VLMCLI, load_model
-
-
-@torch.no_grad()
-def val_tokens(config: str, checkpoint: str, count: int) -> Tensor:
-    """(count, N, D) float32 tokens of the first `count` val images under the checkpoint's image encoder."""
-    model = load_model(config, checkpoint)
-    datamodule = VLMCLI(args=["--config", config, "--trainer.logger", "false"], run=False,
-                        trainer_defaults={}).datamodule
-    datamodule.hparams.update(hflip=0.0, image_mean=model.image_mean, image_std=model.image_std)
-    datamodule.setup("fit")
-    tokens, seen = [], 0
-    for batch in datamodule.val_dataloader()[0]:
-        tokens.append(model.model.vision(batch["pixel_values"]).tokens.float())
-        seen += len(tokens[-1])
-        if seen >= count:
-            break
-    return torch.cat(tokens)[:count]
+from feature_probe import encode, encoder_and_data  # this folder's probe: the same encoder, data and encoding
 
 
 def statistics(tokens: Tensor) -> dict[str, float]:
@@ -65,7 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     rows: dict[str, list[float]] = {}
     for checkpoint in args.checkpoint:
-        tokens = val_tokens(args.config, checkpoint, args.images)
+        vision, datamodule = encoder_and_data(args.config, checkpoint)
+        tokens = encode(vision, datamodule.val_dataloader()[0], args.images)[0][:, :-1]  # without the pooled vector
         normed = F.layer_norm(tokens, tokens.shape[-1:])
         for suffix, stats in (("", statistics(tokens)), (", layer-normed", statistics(normed))):
             for name, value in stats.items():

@@ -278,20 +278,19 @@ def test_the_queries_read_the_encoder_whatever_its_feature_scale(tiny_benchmark,
     assert torch.allclose(after, before, atol=1e-4) == vision_norm
 
 
-def test_keep_itc_override_keeps_the_contrastive_term_in_stage_two(tiny_benchmark, tmp_path, monkeypatch):
+def test_keep_itc_override_keeps_the_contrastive_term_in_stage_two(tiny_benchmark):
     """recipes/blip2_tuning/keep_itc.yaml on top of blip2.yaml: stage 2 trains ITC beside the LM loss, into its own
     checkpoint folder; stage 1 and the stage boundary stay the recipe's."""
     from pathlib import Path
 
     from lightning_vlm.cli import VLMCLI
+    from test_cli import tokenizer_overrides
 
     recipes = Path(__file__).parents[1] / "recipes"
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "synthetic").symlink_to(tiny_benchmark)  # the recipe's tokenizers read the default data
+    data = ["--data.init_args.root", tiny_benchmark, *tokenizer_overrides(tiny_benchmark, recipes / "blip2.yaml")]
     configs = {}
     for name, extra in (("recipe", []), ("keep_itc", ["--config", str(recipes / "blip2_tuning" / "keep_itc.yaml")])):
-        cli = VLMCLI(args=["--config", str(recipes / "blip2.yaml"), *extra, "--model.init_args.init_from", "[]",
+        cli = VLMCLI(args=["--config", str(recipes / "blip2.yaml"), *extra, *data, "--model.init_args.init_from", "[]",
                            "--trainer.logger", "false"], run=False)
         plan = next(c for c in cli.trainer.callbacks if isinstance(c, StagedFreezing))
         checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,3 +34,29 @@ def real_checkpoints(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LIGHTNING_VLM_CACHE", str(tmp_path_factory.mktemp("weights")))
         yield pretrained.prepare(say=lambda _: None)
+
+
+def point_at(tree: dict | list, root: str, old: str = "data/synthetic") -> None:
+    """Replace every value ``old`` (the default data, as a data root or a tokenizer source) in a parsed recipe by
+    ``root``, in place."""
+    for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
+        if value == old:
+            tree[key] = root
+        elif isinstance(value, (dict, list)):
+            point_at(value, root, old)
+
+
+def tokenizer_overrides(root: str, recipe: Path) -> list[str]:
+    """Every tokenizer the recipe reads from the default data, read from `root` instead."""
+    keys = [key for key, value in _leaves(yaml.safe_load(recipe.read_text()))
+            if key.endswith(".tokenizer") and value == "data/synthetic"]
+    return [arg for key in keys for arg in (f"--{key}", root)]
+
+
+def _leaves(tree, prefix: str = ""):
+    """(dotted key, value) of every leaf of a parsed YAML mapping."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

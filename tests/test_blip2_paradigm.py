@@ -284,7 +284,7 @@ def test_keep_itc_override_keeps_the_contrastive_term_in_stage_two(tiny_benchmar
     from pathlib import Path
 
     from lightning_vlm.cli import VLMCLI
-    from test_cli import tokenizer_overrides
+    from conftest import tokenizer_overrides
 
     recipes = Path(__file__).parents[1] / "recipes"
     data = ["--data.init_args.root", tiny_benchmark, *tokenizer_overrides(tiny_benchmark, recipes / "blip2.yaml")]

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
-
+from conftest import tokenizer_overrides
 from lightning_vlm.cli import main, run_cli
 from lightning_vlm.data import datamodule
 
@@ -19,22 +18,6 @@ def tiny_overrides(root: str, recipe: Path) -> list[str]:
     return ["--data.init_args.root", root, *tokenizer_overrides(root, recipe), "--model.init_args.init_from", "[]",
             "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
             "--data.init_args.num_workers", "0", "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
-
-
-def tokenizer_overrides(root: str, recipe: Path) -> list[str]:
-    """Every tokenizer the recipe reads from the default data, read from `root` instead."""
-    keys = [key for key, value in _leaves(yaml.safe_load(recipe.read_text()))
-            if key.endswith(".tokenizer") and value == "data/synthetic"]
-    return [arg for key in keys for arg in (f"--{key}", root)]
-
-
-def _leaves(tree, prefix: str = ""):
-    """(dotted key, value) of every leaf of a parsed YAML mapping."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

@@ -15,6 +15,7 @@ import pytest
 import webdataset as wds
 import yaml
 
+from conftest import point_at
 from lightning_vlm.cli import run_cli
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -49,16 +50,9 @@ def shortened(recipe: str, root: Path, steps: int, batch_size: int, stage_two: i
     config["data"]["init_args"].update(root=str(root), batch_size=batch_size, eval_batch_size=100, num_workers=0,
                                       val_splits=["val"], test_splits=["val"])
     config["model"]["init_args"].update(eval_max_samples=SIZES["val"], **model)
-    _replace(config, "data/synthetic", str(root))  # every tokenizer the recipe reads from the default data
+    point_at(config, str(root))  # the data root and every tokenizer the recipe reads from the default data
     return config
 
-
-def _replace(tree: dict | list, old: str, new: str) -> None:
-    for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
-        if value == old:
-            tree[key] = new
-        elif isinstance(value, (dict, list)):
-            _replace(value, old, new)
 
 
 def fit(config: dict, workdir: Path, monkeypatch) -> dict[str, float]:

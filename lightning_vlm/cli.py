@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lightning_vlm``: ``data ...`` goes to the data tools, the rest to LightningCLI."""
     words = sys.argv[1:] if argv is None else argv
     if words[:1] == ["data"]:
-        from lightning_vlm.data.data_cli import main as data_main
+        from lightning_vlm.data.tools.cli import main as data_main
 
         return data_main(words[1:])
     if words[:1] == ["weights"]:

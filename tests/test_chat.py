@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_vlm.data.chat import IGNORE_INDEX, chat_ids, render
+from lightning_vlm.data.chat import chat_ids, render
+
+from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.tasks import TextExample
-from lightning_vlm.data.tokenizer import load_tokenizer
+from lightning_vlm.tokens import load_tokenizer
 
 pytestmark = pytest.mark.slow
 

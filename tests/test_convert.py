@@ -12,9 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from lightning_vlm.data.convert import convert_coco, convert_image_folder
-from lightning_vlm.data.data_cli import main
-from lightning_vlm.data.inspect import inspect_shards
+from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
+from lightning_vlm.data.tools.cli import main
+from lightning_vlm.data.tools.inspect import inspect_shards
 
 # file name -> (size, format); two captions for the jpg, one each for the others
 IMAGES = {"a.jpg": ((32, 24), "JPEG"), "sub/b.png": ((16, 16), "PNG"), "c.jpeg": ((20, 10), "JPEG")}

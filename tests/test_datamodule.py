@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_vlm.data.collate import IGNORE_INDEX, Collator, Example
+from lightning_vlm.data.collate import Collator, Example
+
+from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.data.datamodule import ShardDataModule
-from lightning_vlm.data.language import object_caption
+from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.sources import ShardSource
 from lightning_vlm.data.tasks import TextExample
@@ -318,7 +320,7 @@ def test_asking_for_a_split_the_data_lacks_is_a_clear_error_before_training(tiny
 
 
 def test_png_webp_and_jpg_shards_decode_to_the_same_batch(tiny_benchmark, tmp_path):
-    from lightning_vlm.data.convert import convert_image_folder
+    from lightning_vlm.data.tools.convert import convert_image_folder
 
     images = tmp_path / "images"
     images.mkdir()

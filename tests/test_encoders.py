@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_vlm.data.tokenizer import train_tokenizer
+from lightning_vlm.data.synthetic.tokenizer import train_tokenizer
 from lightning_vlm.encoders import ConvStem, TextEncoder, VisionEncoder
 from lightning_vlm.losses import LlipLoss, scale_logits
 from lightning_vlm.losses.contrastive import sigmoid_pair_loss

@@ -298,8 +298,8 @@ def test_word_templates_spell_the_captions_of_images_with_a_word():
     """A prompt filled with a scene's own attributes and word is exactly its caption, as training saw it."""
     import random
 
-    from lightning_vlm.data.language import caption
-    from lightning_vlm.data.scenes import sample_scene
+    from lightning_vlm.data.synthetic.language import caption
+    from lightning_vlm.data.synthetic.scenes import sample_scene
     from lightning_vlm.eval.zero_shot import caption_templates
 
     rng = random.Random(0)

@@ -12,10 +12,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_vlm.callbacks import SampleImageLogger
-from lightning_vlm.data.collate import IGNORE_INDEX, Collator, Example, first_rows
+from lightning_vlm.data.collate import Collator, Example, first_rows
+from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
-from lightning_vlm.data.tasks import IMAGE_TOKEN, TaskFormatter, TextExample
+from lightning_vlm.data.tasks import TaskFormatter, TextExample
+from lightning_vlm.tokens import IMAGE_TOKEN
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.flamingo import Flamingo

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from lightning_vlm.tokens import IGNORE_INDEX
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:

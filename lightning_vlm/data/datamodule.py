@@ -29,8 +29,9 @@ from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.sources import MANIFEST, ShardSource, as_sources, read_manifest
 from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
 from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
-from lightning_vlm.data.tasks import TaskFormatter, location_tokens
-from lightning_vlm.data.tokenizer import load_tokenizer
+from lightning_vlm.data.tasks import TaskFormatter
+from lightning_vlm.tokens import location_tokens
+from lightning_vlm.tokens import load_tokenizer
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 

@@ -18,15 +18,14 @@ also true of other images of the batch, which score it as their negative.
 
 from __future__ import annotations
 
-import functools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lightning_vlm.data.language import object_caption
+from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.data.reading import RawSample
+from lightning_vlm.tokens import location_tokens
 
-IMAGE_TOKEN = "<image>"  # where an image stands in the text of a model that places images (data/collate.py)
 TASKS = ("contrastive", "caption", "vqa", "grounding", "chat", "fewshot")
 
 
@@ -49,13 +48,6 @@ class TextExample:
     system: str = ""
     history: list[tuple[str, str]] = field(default_factory=list)
     demonstration: tuple[str, str] | None = None
-
-
-@functools.cache
-def location_tokens(bins: int) -> tuple[str, ...]:
-    """The vocabulary of box coordinates, one token per bin: ``<loc_00>`` ... ."""
-    width = len(str(bins - 1))
-    return tuple(f"<loc_{i:0{width}d}>" for i in range(bins))
 
 
 def box_to_tokens(box: list[float], image_size: int, bins: int) -> str:

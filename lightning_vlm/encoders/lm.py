@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from tokenizers import AddedToken
 
-from lightning_vlm.data.tasks import IMAGE_TOKEN, location_tokens
-from lightning_vlm.data.tokenizer import load_tokenizer
+from lightning_vlm.tokens import IMAGE_TOKEN, location_tokens
+from lightning_vlm.tokens import load_tokenizer
 from lightning_vlm.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)

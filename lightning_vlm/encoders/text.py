@@ -11,7 +11,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_vlm.data.tokenizer import load_tokenizer
+from lightning_vlm.tokens import load_tokenizer
 from lightning_vlm.pretrained import load_pretrained
 
 TINY_BERT: dict[str, Any] = {

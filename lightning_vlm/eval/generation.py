@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_vlm.eval.captioning import CIDErD, answer_accuracy, bleu4
 from lightning_vlm.eval.grounding import grounding_accuracy
-from lightning_vlm.losses.distributed import gather_objects
+from lightning_vlm.distributed import gather_objects
 
 
 class GenerationEvaluator:

@@ -10,7 +10,7 @@ import torch
 
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
-from lightning_vlm.losses.distributed import gather_objects
+from lightning_vlm.distributed import gather_objects
 from lightning_vlm.eval.zero_shot import (
     Repr,
     Tokenize,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from lightning_vlm.data.language import OBJECT_PHRASE, WORD_SENTENCE
+from lightning_vlm.data.synthetic.language import OBJECT_PHRASE, WORD_SENTENCE
 
 Repr = Tensor | tuple[Tensor, ...]
 Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]

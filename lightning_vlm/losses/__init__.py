@@ -10,7 +10,7 @@ from lightning_vlm.losses.contrastive import (
     sigmoid_pair_loss,
     siglip_loss,
 )
-from lightning_vlm.losses.distributed import gather_with_grad, rank_offset
+from lightning_vlm.distributed import gather_with_grad, rank_offset
 from lightning_vlm.losses.output import LossOutput
 
 __all__ = [

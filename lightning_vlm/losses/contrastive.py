@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_vlm.losses.distributed import gather_with_grad, rank_offset
+from lightning_vlm.distributed import gather_with_grad, rank_offset
 from lightning_vlm.losses.output import LossOutput
 
 if TYPE_CHECKING:

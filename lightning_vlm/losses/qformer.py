@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_vlm.losses.contrastive import scale_logits
-from lightning_vlm.losses.distributed import gather_with_grad, rank_offset
+from lightning_vlm.distributed import gather_with_grad, rank_offset
 
 
 def query_text_similarity(query_emb: Tensor, text_emb: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from lightning_vlm.adapters.qformer import QFormer
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.losses.contrastive import scale_logits
-from lightning_vlm.losses.distributed import rank_offset
+from lightning_vlm.distributed import rank_offset
 from lightning_vlm.losses.qformer import (
     itc_loss,
     itg_loss,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_vlm.data.chat import IGNORE_INDEX
+from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.encoders.patches import patchify
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lightning_vlm.adapters import Adapter
-from lightning_vlm.data.chat import IGNORE_INDEX
+from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA

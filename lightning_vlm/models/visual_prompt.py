@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_vlm.data.collate import IGNORE_INDEX
+from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.encoders.lm import LanguageModel
 
 

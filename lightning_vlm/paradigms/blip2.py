@@ -26,7 +26,7 @@ from lightning_vlm.eval import ContrastiveEvaluator
 from lightning_vlm.eval.retrieval import rerank_recall
 from lightning_vlm.eval.suite import full_precision
 from lightning_vlm.losses.contrastive import temperature
-from lightning_vlm.losses.distributed import local_batch
+from lightning_vlm.distributed import local_batch
 from lightning_vlm.losses.output import LossOutput
 from lightning_vlm.models.blip2 import BLIP2, TextBatch
 from lightning_vlm.paradigms.generative import ImageToText

@@ -7,7 +7,7 @@ from __future__ import annotations
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.eval import ContrastiveEvaluator
 from lightning_vlm.losses.contrastive import CLIPLoss
-from lightning_vlm.losses.distributed import local_batch
+from lightning_vlm.distributed import local_batch
 from lightning_vlm.losses.output import LossOutput
 from lightning_vlm.models.coca import CoCa
 from lightning_vlm.paradigms.generative import ImageToText

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.eval import ContrastiveEvaluator
-from lightning_vlm.losses.distributed import local_batch
+from lightning_vlm.distributed import local_batch
 from lightning_vlm.losses.output import LossOutput
 from lightning_vlm.models.contrastive import HardNegatives
 from lightning_vlm.paradigms.base import VLMParadigm

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.reading import RawSample
-from lightning_vlm.data.tasks import IMAGE_TOKEN, TextExample
+from lightning_vlm.data.tasks import TextExample
+from lightning_vlm.tokens import IMAGE_TOKEN
 from lightning_vlm.data.transforms import ImageTransform
 from lightning_vlm.eval.generation import GenerationEvaluator
 from lightning_vlm.losses.output import LossOutput

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_vlm.data.convert import convert_coco, convert_image_folder
-from lightning_vlm.data.inspect import inspect_shards
+from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
+from lightning_vlm.data.tools.inspect import inspect_shards
 
 
 def main(argv: list[str]) -> int:

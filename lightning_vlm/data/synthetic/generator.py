@@ -19,11 +19,12 @@ from typing import Any
 
 from webdataset import TarWriter
 
-from lightning_vlm.data.language import caption, hard_negatives, questions
-from lightning_vlm.data.render import encode_jpeg, render
-from lightning_vlm.data.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, sample_scene
+from lightning_vlm.data.synthetic.language import caption, hard_negatives, questions
+from lightning_vlm.data.synthetic.render import encode_jpeg, render
+from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, sample_scene
 from lightning_vlm.data.sources import MANIFEST
-from lightning_vlm.data.tokenizer import FILE_NAME, train_tokenizer
+from lightning_vlm.data.synthetic.tokenizer import train_tokenizer
+from lightning_vlm.tokens import TOKENIZER_FILE
 
 VERSION = "synthetic-v1"
 DEFAULT_ROOT = Path("data/synthetic")
@@ -79,7 +80,7 @@ def generate_benchmark(
             elapsed = time.perf_counter() - began
             print(f"{shard.split}: {shard.stop} samples in {shard.index + 1} shards ({elapsed:.1f}s)", flush=True)
     all_texts = [t for split_texts in texts.values() for t in split_texts]
-    train_tokenizer(texts.get(TOKENIZER_SPLIT) or all_texts, root / FILE_NAME)
+    train_tokenizer(texts.get(TOKENIZER_SPLIT) or all_texts, root / TOKENIZER_FILE)
     manifest = {
         "version": VERSION,
         "seed": seed,
@@ -87,7 +88,7 @@ def generate_benchmark(
         "with_text": with_text,
         "counts": dict(sizes),
         "splits": {split: [s.name for s in shards if s.split == split] for split in sizes},
-        "tokenizer": FILE_NAME,
+        "tokenizer": TOKENIZER_FILE,
         "colors": list(COLORS),
         "shapes": list(SHAPES),
         "sizes": list(SIZES),
@@ -95,7 +96,7 @@ def generate_benchmark(
         "held_out_combinations": [list(pair) for pair in HELD_OUT],
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {sum(sizes.values())} samples and {FILE_NAME} to {root} ({time.perf_counter() - began:.1f}s)")
+    print(f"wrote {sum(sizes.values())} samples and {TOKENIZER_FILE} to {root} ({time.perf_counter() - began:.1f}s)")
     return manifest
 
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from lightning_vlm.data.scenes import COLORS, Box, Scene
+from lightning_vlm.data.synthetic.scenes import COLORS, Box, Scene
 
 BACKGROUND = (20, 20, 20)
 TEXT_COLOR = (165, 165, 165)  # grey, so a word is never mistaken for a white object

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import replace
 from itertools import combinations, permutations
 
-from lightning_vlm.data.scenes import COLORS, HELD_OUT, SHAPES, SIZES, Box, Scene, SceneObject
+from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, SHAPES, SIZES, Box, Scene, SceneObject
 
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}

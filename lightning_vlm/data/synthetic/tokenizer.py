@@ -1,4 +1,4 @@
-"""The small word-level tokenizer of the synthetic benchmark, and loading of any tokenizer by name or path.
+"""The small word-level tokenizer of the synthetic benchmark (loaded back by `lightning_vlm.tokens.load_tokenizer`).
 
 Words seen in training stay whole; any other ASCII word is spelt out from WordPiece characters, never lost.
 """
@@ -11,22 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lightning_vlm.pretrained import load_pretrained
+from lightning_vlm.tokens import SPECIAL_TOKENS
 
-SPECIAL_TOKENS = {
-    "pad_token": "[PAD]",
-    "unk_token": "[UNK]",
-    "bos_token": "[BOS]",
-    "eos_token": "[EOS]",
-    "cls_token": "[CLS]",
-    "sep_token": "[SEP]",
-    "mask_token": "[MASK]",
-}
-FILE_NAME = "tokenizer.json"
 ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
-MODEL_MAX_LENGTH = 128  # the longest benchmark caption is ~40 tokens
 
 
 def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 1000) -> None:
@@ -50,14 +38,3 @@ def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 10
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()  # joins "##" pieces and removes the space before punctuation
     tokenizer.save(str(path))
-
-
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """A `tokenizer.json` file or a dataset root holding one as our fast tokenizer; else `AutoTokenizer`'s loading
-    (a transformers model folder, which has a tokenizer_config.json, or a hub name: see `load_pretrained`)."""
-    path = Path(name_or_path)
-    file = path / FILE_NAME if path.is_dir() else path
-    transformers_folder = path.is_dir() and (path / "tokenizer_config.json").is_file()
-    if file.is_file() and file.suffix == ".json" and not transformers_folder:
-        return PreTrainedTokenizerFast(tokenizer_file=str(file), model_max_length=MODEL_MAX_LENGTH, **SPECIAL_TOKENS)
-    return load_pretrained(AutoTokenizer.from_pretrained, str(name_or_path))

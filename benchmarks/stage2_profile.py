@@ -76,7 +76,7 @@ def main() -> None:
             wall = 0.0
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
-            loss = paradigm.losses(batch).total
+            loss = paradigm.loss(paradigm.model_output(batch)).total
         forward_done = time.perf_counter()
         loss.backward()
         backward_done = time.perf_counter()

@@ -60,3 +60,16 @@ def _leaves(tree, prefix: str = ""):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def text_loss(model, *args):
+    """The next-token loss of a model's predictions of the text: a `VisualPromptLM`'s (`predict_text`) or a
+    `LanguageModel`'s, from the same arguments its predictions take."""
+    from lightning_vlm.losses import next_token_loss
+
+    return next_token_loss(getattr(model, "predict_text", model)(*args))
+
+
+def paradigm_losses(paradigm, batch):
+    """What a paradigm's training step computes on a batch: its loss of its model's output."""
+    return paradigm.loss(paradigm.model_output(batch))

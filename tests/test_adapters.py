@@ -11,6 +11,7 @@ from lightning_vlm.adapters import MLP, AveragePool, Identity, Linear, Perceiver
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA
+from conftest import text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -94,5 +95,5 @@ def test_a_language_model_with_location_tokens_serves_the_grounding_task(tiny_be
     batch = next(iter(dm.train_dataloader()))
     answer = batch["input_ids"][batch["labels"] != -100]
     assert any(t.startswith("<loc_") for t in lm.tokenizer.convert_ids_to_tokens(answer.tolist()))
-    assert torch.isfinite(paradigm.model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+    assert torch.isfinite(text_loss(paradigm.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                                  batch["labels"]))

@@ -8,14 +8,16 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import paradigm_losses, text_loss
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_vlm.adapters.qformer import QFormer
+from lightning_vlm.adapters import MLP, QFormer
 from lightning_vlm.callbacks import Phase, StagedFreezing
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.losses import BLIP2Loss
 from lightning_vlm.models.blip2 import BLIP2
 from lightning_vlm.paradigms.blip2 import BLIP2Paradigm
 from lightning_vlm.paradigms.weights import WeightsSource, load_weights
@@ -28,13 +30,14 @@ TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "
            "num_key_value_heads": 1}
 
 
-def build(tokenizer: str, instruction_aware: bool = False, **kwargs) -> BLIP2Paradigm:
+def build(tokenizer: str, instruction_aware: bool = False, loss_weights: dict | None = None,
+          **kwargs) -> BLIP2Paradigm:
     torch.manual_seed(0)
     model = BLIP2(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT),
                   lambda width: QFormer(width, config=TINY_BERT, tokenizer=tokenizer, num_queries=4),
-                  LanguageModel(tokenizer=tokenizer, config=TINY_LM), embed_dim=16, projection="mlp",
+                  LanguageModel(tokenizer=tokenizer, config=TINY_LM), embed_dim=16, projection=MLP(),
                   instruction_aware=instruction_aware)
-    return BLIP2Paradigm(model, **{"lr": 1e-3, "warmup_steps": 1, "eval_max_samples": 16, "rerank_k": 4, **kwargs})
+    return BLIP2Paradigm(model, BLIP2Loss(loss_weights), **{"lr": 1e-3, "warmup_steps": 1, "eval_max_samples": 16, "rerank_k": 4, **kwargs})
 
 
 def batch_of(paradigm: BLIP2Paradigm, root: str, tasks: dict, size: int = 8) -> dict:
@@ -48,7 +51,7 @@ def test_stage2_loss_is_cross_entropy_on_target_tokens_only(tiny_benchmark):
     paradigm = build(tiny_benchmark)
     batch = batch_of(paradigm, tiny_benchmark, {"vqa": 1.0}, size=4)
     model = paradigm.model
-    loss = model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+    loss = text_loss(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
                          batch["image_index"])
     prompt = model.visual_prompt(batch["pixel_values"])
     terms = []
@@ -87,7 +90,7 @@ def test_instruction_aware_queries_read_each_images_own_question(tiny_benchmark)
                            plain.model.lm_projection(plain.model.queries(features)))
     with pytest.raises(ValueError, match="3 instructions for 4 images"), paradigm._instructed(prompts[:3]):
         model.visual_prompt(batch["pixel_values"])
-    loss = paradigm.losses(batch).total
+    loss = paradigm_losses(paradigm, batch).total
     loss.backward()
     assert model.qformer.word_embeddings.weight.grad[tokenize(prompts)[0].unique()].abs().sum() > 0
     assert len(paradigm.eval().generate_text(batch["pixel_values"], prompts, max_new_tokens=3)) == 4
@@ -120,7 +123,7 @@ def test_overfits_one_batch_in_each_stage(tiny_benchmark, weights):
     optimizer = torch.optim.AdamW([p for p in paradigm.parameters() if p.requires_grad], lr=2e-3)
     first = None
     for _ in range(100):
-        losses = paradigm.losses(batch)
+        losses = paradigm_losses(paradigm, batch)
         optimizer.zero_grad()
         losses.total.backward()
         optimizer.step()
@@ -146,7 +149,7 @@ class Recorder(Callback):
             "lm_in_optimizer": any(p is q for g in trainer.optimizers[0].param_groups for p in g["params"]
                                    for q in model.language_model.parameters()),
             "vision_training": model.vision.training, "lm_training": model.language_model.training,
-            "weights": dict(pl_module.loss_weights), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "weights": dict(pl_module.loss.weights), "lr": trainer.optimizers[0].param_groups[0]["lr"],
         })
 
 
@@ -253,7 +256,7 @@ def test_generate_from_pil_images_and_one_prompt(tiny_benchmark):
 def test_plan_apply_puts_a_model_in_a_phase_outside_a_trainer(tiny_benchmark):
     paradigm = build(tiny_benchmark)
     StagedFreezing(PLAN).apply(paradigm)  # the last phase, as a fit reaching it would leave the model
-    assert paradigm.loss_weights["lm"] == 1.0 and paradigm.loss_weights["itc"] == 0.0
+    assert paradigm.loss.weights["lm"] == 1.0 and paradigm.loss.weights["itc"] == 0.0
     assert not any(p.requires_grad for p in paradigm.model.vision.parameters()) and not paradigm.model.vision.training
     assert all(p.requires_grad for p in paradigm.model.language_model.parameters())
     assert paradigm.lr_multipliers == {"language_model": 0.5}
@@ -283,8 +286,9 @@ def test_keep_itc_override_keeps_the_contrastive_term_in_stage_two(tiny_benchmar
     checkpoint folder; stage 1 and the stage boundary stay the recipe's."""
     from pathlib import Path
 
-    from lightning_vlm.cli import VLMCLI
     from conftest import tokenizer_overrides
+
+    from lightning_vlm.cli import VLMCLI
 
     recipes = Path(__file__).parents[1] / "recipes"
     data = ["--data.init_args.root", tiny_benchmark, *tokenizer_overrides(tiny_benchmark, recipes / "blip2.yaml")]
@@ -295,7 +299,7 @@ def test_keep_itc_override_keeps_the_contrastive_term_in_stage_two(tiny_benchmar
         plan = next(c for c in cli.trainer.callbacks if isinstance(c, StagedFreezing))
         checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
         plan.apply(cli.model)
-        configs[name] = (plan.phases, Path(checkpoint.dirpath).name, cli.model.loss_weights)
+        configs[name] = (plan.phases, Path(checkpoint.dirpath).name, cli.model.loss.weights)
     (recipe_phases, recipe_dir, recipe_weights), (phases, folder, weights) = configs["recipe"], configs["keep_itc"]
     assert recipe_weights["itc"] == 0.0 and weights["itc"] == 1.0 and weights["lm"] == recipe_weights["lm"] == 1.0
     assert phases[0] == recipe_phases[0] and phases[1].start_step == recipe_phases[1].start_step

@@ -11,13 +11,12 @@ from lightning_vlm.losses import (
     LlipLoss,
     LossOutput,
     SigLIPLoss,
-    caption_keys,
     clip_loss,
-    scale_logits,
     sigmoid_pair_loss,
     siglip_loss,
 )
 from lightning_vlm.models import ContrastiveOutput, LlipOutput
+from lightning_vlm.models.similarity import caption_keys, scale_logits
 
 
 def _embeddings(n: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

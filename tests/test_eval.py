@@ -328,7 +328,7 @@ def test_grounding_counts_boxes_with_iou_at_least_half():
 def test_generation_evaluator_reports_grounding():
     from lightning_vlm.eval.generation import GenerationEvaluator
 
-    evaluator = GenerationEvaluator()
+    evaluator = GenerationEvaluator(lambda batch: ["<loc_00><loc_00><loc_03><loc_03>", "nothing"])
     metas = [{"task": "grounding", "target": "<loc_00><loc_00><loc_03><loc_03>"}] * 2
-    evaluator.update(metas, ["<loc_00><loc_00><loc_03><loc_03>", "nothing"])
-    assert evaluator.compute("val") == {"val/grounding_iou50": 0.5}
+    evaluator.update(None, {"meta": metas})
+    assert evaluator.compute(None, "val") == {"val/grounding_iou50": 0.5}

@@ -12,6 +12,7 @@ from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.cross_attention import media_attention_mask
 from lightning_vlm.models.flamingo import Flamingo
+from conftest import text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -45,20 +46,20 @@ def test_gates_at_zero_leave_the_language_model_unchanged(tiny_benchmark, vqa_ba
     model = build(tiny_benchmark).eval()
     images, ids, mask, labels = args_of(vqa_batch)
     lm = model.language_model
-    text_only = lm.loss(lm.embed(ids), mask, labels)
-    assert torch.equal(model.lm_loss(images, ids, mask, labels), text_only)
+    text_only = text_loss(lm, lm.embed(ids), mask, labels)
+    assert torch.equal(text_loss(model, images, ids, mask, labels), text_only)
     for block in model.cross_attention.blocks:
         block.attention_gate.data.fill_(0.5)
         block.feed_forward_gate.data.fill_(0.5)
-    opened = model.lm_loss(images, ids, mask, labels)
-    assert not torch.allclose(opened, text_only) and not torch.allclose(model.lm_loss(images.flip(0), ids, mask, labels), opened)
+    opened = text_loss(model, images, ids, mask, labels)
+    assert not torch.allclose(opened, text_only) and not torch.allclose(text_loss(model, images.flip(0), ids, mask, labels), opened)
 
 
 def test_a_frozen_lm_trains_the_resampler_and_gates_only(tiny_benchmark, vqa_batch):
     model = build(tiny_benchmark)
     model.language_model.requires_grad_(False)
     model.vision.requires_grad_(False)
-    model.lm_loss(*args_of(vqa_batch)).backward()
+    text_loss(model, *args_of(vqa_batch)).backward()
     with_grad = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {"cross_attention", "resampler"}  # nothing reaches the frozen LM or image encoder
     nonzero = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -80,9 +81,9 @@ def test_generation_reads_the_image_also_under_beam_search(tiny_benchmark):
 def test_flamingo_overfits_one_batch(tiny_benchmark, vqa_batch):
     model = build(tiny_benchmark).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = model.lm_loss(*args_of(vqa_batch)).item()
+    first = text_loss(model, *args_of(vqa_batch)).item()
     for _ in range(40):
-        loss = model.lm_loss(*args_of(vqa_batch))
+        loss = text_loss(model, *args_of(vqa_batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

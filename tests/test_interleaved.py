@@ -25,6 +25,7 @@ from lightning_vlm.models.llava import LLaVA
 from lightning_vlm.models.prefix_lm import PrefixLM
 from lightning_vlm.models.visual_prompt import place_images
 from lightning_vlm.paradigms.generative import ImageToText
+from conftest import text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -167,7 +168,7 @@ def test_a_fewshot_row_reads_its_demonstration_image_and_not_the_others(tiny_ben
     assert batch["image_index"].tolist() == [[1, 0], [2, 1], [3, 2], [0, 3]]
 
     def row_loss(pixels: torch.Tensor) -> torch.Tensor:  # row 0's text over all four images of the batch
-        return model.lm_loss(pixels, batch["input_ids"][:1], batch["attention_mask"][:1], batch["labels"][:1],
+        return text_loss(model, pixels, batch["input_ids"][:1], batch["attention_mask"][:1], batch["labels"][:1],
                              batch["image_index"][:1])
 
     pixels = batch["pixel_values"]
@@ -201,9 +202,9 @@ def test_a_bfloat16_lm_reads_the_interleaved_batch_as_the_float32_one_does(tiny_
     paradigm = ImageToText(model, generation={"max_new_tokens": 3})
     batch = fewshot_batch(paradigm, tiny_benchmark)
     inputs = [batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels", "image_index")]
-    reference = model.lm_loss(*inputs)
+    reference = text_loss(model, *inputs)
     model.language_model.model.bfloat16()
-    assert torch.allclose(model.lm_loss(*inputs), reference, rtol=3e-2)
+    assert torch.allclose(text_loss(model, *inputs), reference, rtol=3e-2)
     assert len(paradigm._answers(batch)) == 4
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import text_loss
+from lightning_vlm.losses import NextTokenLoss, shift_labels
 from torch import nn
 
 from lightning_vlm.encoders.lm import LanguageModel
@@ -37,7 +39,7 @@ def test_lora_trains_only_the_adapters_and_leaves_the_base_bit_identical(tiny_be
     embeds, mask, labels = _inputs(lm)
     optimizer = torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=1.0)
     for _ in range(2):  # lora_B starts at zero: the second step moves lora_A too
-        lm.loss(embeds, mask, labels).backward()
+        text_loss(lm, embeds, mask, labels).backward()
         optimizer.step()
         optimizer.zero_grad()
     assert all(torch.equal(p, base[name]) for name, p in lm.model.named_parameters() if name in base)
@@ -50,15 +52,15 @@ def test_half_precision_lm_matches_float32_keeps_float32_adapters_and_passes_gra
     half.load_state_dict(full.state_dict())
     assert half.dtype == torch.bfloat16 and half.model.config._attn_implementation == "eager"
     embeds, mask, labels = _inputs(full)
-    reference = full.loss(embeds, mask, labels)
-    loss = half.loss(embeds, mask, labels)
+    reference = text_loss(full, embeds, mask, labels)
+    loss = text_loss(half, embeds, mask, labels)
     assert loss.dtype == torch.float32 and torch.allclose(loss, reference, rtol=2e-2)
     loss.backward()
     assert embeds.grad is not None and embeds.grad.dtype == torch.float32 and embeds.grad.abs().sum() > 0
 
     adapters = half.add_lora(r=4)
     assert {half.model.get_parameter(name).dtype for name in adapters} == {torch.float32}
-    assert torch.allclose(half.loss(embeds, mask, labels), reference, rtol=2e-2)  # LoRA starts as the identity
+    assert torch.allclose(text_loss(half, embeds, mask, labels), reference, rtol=2e-2)  # LoRA starts as the identity
     new = half.generate(embeds[:, :3].detach(), mask[:, :3], max_new_tokens=2)
     assert new.shape[0] == 2 and 1 <= new.shape[1] <= 2
 
@@ -71,16 +73,24 @@ def test_loss_reductions_weigh_tokens_or_samples_as_the_reference_says(tiny_benc
     labels = torch.cat([labels, labels[:1]])
     labels[0, 1:5], labels[1, 1:5], labels[2] = -100, 7, -100  # rows: 1 label, 5 labels, none
     embeds, mask = torch.cat([embeds, embeds[:1]]), torch.cat([mask, mask[:1]])
-    per_token = nn.functional.cross_entropy(lm(embeds, mask).logits[:, :-1].transpose(1, 2), labels[:, 1:],
+    transformers_out = lm.model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    per_token = nn.functional.cross_entropy(transformers_out.logits[:, :-1].transpose(1, 2), labels[:, 1:],
                                             reduction="none")
     labelled = labels[:, 1:] != -100
-    assert torch.allclose(lm.loss(embeds, mask, labels), lm(embeds, mask, labels).loss)
-    assert torch.allclose(lm.loss(embeds, mask, labels), per_token[labelled].mean())
-    lm.loss_reduction = "sample"
+    assert torch.allclose(NextTokenLoss()(lm(embeds, mask, labels)).total, transformers_out.loss)
+    assert torch.allclose(NextTokenLoss()(lm(embeds, mask, labels)).total, per_token[labelled].mean())
     row_means = [per_token[row][labelled[row]].mean() for row in range(2)]
-    assert torch.allclose(lm.loss(embeds, mask, labels), torch.stack(row_means).mean())
-    with pytest.raises(ValueError, match="loss_reduction"):
-        _lm(tiny_benchmark, loss_reduction="batch")
+    by_sample = NextTokenLoss(reduction="sample")(lm(embeds, mask, labels)).terms["lm"]
+    assert torch.allclose(by_sample, torch.stack(row_means).mean())
+    with pytest.raises(ValueError, match="reduction"):
+        NextTokenLoss(reduction="batch")
+
+
+def test_the_label_shift_pairs_each_position_with_the_next_token():
+    labels = torch.tensor([[5, -100, 7, 8], [-100, -100, 3, -100]])
+    targets, keep = shift_labels(labels)
+    assert targets.tolist() == [[-100, 7, 8], [-100, 3, -100]]
+    assert keep.tolist() == [[False, True, True], [False, True, False]]
 
 
 def test_half_precision_dtype_names_are_checked(tiny_benchmark):

@@ -12,6 +12,7 @@ from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA
 from lightning_vlm.models.prefix_lm import PrefixLM, position_ids, prefix_attention_mask
+from conftest import text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -54,10 +55,10 @@ def vqa_batch(tiny_benchmark):
 
 def test_a_causal_prefix_with_sequential_positions_is_llava(tiny_benchmark, vqa_batch):
     args = (vqa_batch["pixel_values"], vqa_batch["input_ids"], vqa_batch["attention_mask"], vqa_batch["labels"])
-    llava = build(LLaVA, tiny_benchmark).lm_loss(*args)
-    causal = build(PrefixLM, tiny_benchmark, prefix_attention="causal").lm_loss(*args)
-    bidirectional = build(PrefixLM, tiny_benchmark).lm_loss(*args)
-    shared = build(PrefixLM, tiny_benchmark, prefix_attention="causal", image_positions="shared").lm_loss(*args)
+    llava = text_loss(build(LLaVA, tiny_benchmark), *args)
+    causal = text_loss(build(PrefixLM, tiny_benchmark, prefix_attention="causal"), *args)
+    bidirectional = text_loss(build(PrefixLM, tiny_benchmark), *args)
+    shared = text_loss(build(PrefixLM, tiny_benchmark, prefix_attention="causal", image_positions="shared"), *args)
     assert torch.allclose(causal, llava, atol=1e-5)
     assert not torch.allclose(bidirectional, llava, atol=1e-4)
     assert shared.item() != llava.item()  # other rotary positions for the image tokens (a small change at init)
@@ -80,9 +81,9 @@ def test_prefix_lm_overfits_one_batch(tiny_benchmark, vqa_batch):
     model = build(PrefixLM, tiny_benchmark, image_positions="shared").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     args = (vqa_batch["pixel_values"], vqa_batch["input_ids"], vqa_batch["attention_mask"], vqa_batch["labels"])
-    first = model.lm_loss(*args).item()
+    first = text_loss(model, *args).item()
     for _ in range(40):
-        loss = model.lm_loss(*args)
+        loss = text_loss(model, *args)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -9,7 +9,8 @@ import transformers
 
 from lightning_vlm.adapters.qformer import QFormer, attention_mask
 from lightning_vlm.encoders import VisionEncoder
-from lightning_vlm.losses.qformer import itg_loss, mine_hard_negatives, query_text_similarity
+from lightning_vlm.losses import BLIP2Loss, next_token_loss
+from lightning_vlm.models.similarity import mine_hard_negatives, query_text_similarity
 from lightning_vlm.models.blip2 import BLIP2, TextBatch
 
 Q = 3
@@ -102,10 +103,9 @@ GRAD_REACH = {
 
 @pytest.mark.parametrize("loss", list(GRAD_REACH))
 def test_each_loss_reaches_only_its_parts(blip2, loss):
-    image, text = blip2.image_features(torch.randn(4, 3, 32, 32)), _text()
-    itc, similarity = blip2.itc(image, text)
-    value = {"itc": lambda: itc, "itm": lambda: blip2.itm(image, text, similarity),
-             "itg": lambda: blip2.itg(image, text)}[loss]()
+    text = _text()
+    out = blip2(torch.randn(4, 3, 32, 32), text, objectives={loss})
+    value = BLIP2Loss({name: float(name == loss) for name in ("itc", "itm", "itg", "lm")})(out).total
     blip2.zero_grad()
     value.backward()
     reach, never = GRAD_REACH[loss]
@@ -119,12 +119,13 @@ def test_each_loss_reaches_only_its_parts(blip2, loss):
     assert not blip2.vision(torch.randn(1, 3, 32, 32)).tokens.requires_grad  # the frozen encoder is not in the graph
 
 
-def test_itg_loss_is_next_token_cross_entropy_on_real_tokens():
-    logits = torch.randn(2, 4, 10)
+def test_itg_loss_is_next_token_cross_entropy_on_real_tokens(blip2):
     ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    out = blip2(torch.randn(2, 3, 32, 32), TextBatch(ids, mask), objectives={"itg"})
+    logits = blip2.itg_head(out.itg.hidden)
     terms = [-logits[b, t].log_softmax(-1)[ids[b, t + 1]] for b in range(2) for t in range(3) if mask[b, t + 1]]
-    assert itg_loss(logits, ids, mask).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    assert next_token_loss(out.itg).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
 
 
 def test_similarity_is_the_best_query():

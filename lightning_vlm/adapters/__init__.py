@@ -1,14 +1,16 @@
 """Adapters between image features and a text model, all (B, N, D_in) -> (B, M, D_out) (plain PyTorch).
 
-The `Adapter` ones are interchangeable by YAML wherever image tokens meet a language model (`LLaVA(adapter=...)`):
-identity, linear, MLP, Perceiver resampler, pixel shuffle, adaptive average pooling. The Q-Former is BLIP-2's.
+The `Adapter` ones are interchangeable by YAML wherever image features meet text (LLaVA's `adapter`, BLIP-2's
+`projection`, CoCa's poolers, Flamingo's `resampler`): identity, linear, MLP, Perceiver resampler, pixel shuffle,
+adaptive average pooling, attentional pooling. The Q-Former is BLIP-2's.
 """
 
+from lightning_vlm.adapters.attention_pool import AttentionPooler
 from lightning_vlm.adapters.base import Adapter
 from lightning_vlm.adapters.perceiver import PerceiverResampler
 from lightning_vlm.adapters.projection import MLP, Identity, Linear
 from lightning_vlm.adapters.qformer import QFormer, QFormerOutput, attention_mask
 from lightning_vlm.adapters.spatial import AveragePool, PixelShuffle
 
-__all__ = ["MLP", "Adapter", "AveragePool", "Identity", "Linear", "PerceiverResampler", "PixelShuffle", "QFormer",
+__all__ = ["MLP", "Adapter", "AttentionPooler", "AveragePool", "Identity", "Linear", "PerceiverResampler", "PixelShuffle", "QFormer",
            "QFormerOutput", "attention_mask"]

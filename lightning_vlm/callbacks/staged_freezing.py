@@ -2,7 +2,8 @@
 
 Each phase starts at a global step or an epoch and names parts of the model (dotted paths under the
 paradigm's ``model``) to freeze, unfreeze or train through LoRA adapters, per-part learning-rate multipliers
-and the paradigm's loss weights. Frozen parts are in eval mode and out of the optimizer; entering a phase
+and the weights of the paradigm's loss terms (``loss.weights``, any family). Every phase's parts and term names are
+checked when fitting starts, so a typo fails before the first step, naming what the model and the loss have. Frozen parts are in eval mode and out of the optimizer; entering a phase
 rebuilds the optimizer (Adam moments of parameters still trained are carried over) with one parameter group
 per named part. The LR schedule is a function of the global step, so it runs on across phases.
 
@@ -59,6 +60,7 @@ class StagedFreezing(Callback):
         if stage != "fit" or self._module is not None:
             return
         self._module = pl_module
+        self._check_plan()
         for path, config in self._lora_targets().items():
             inject_lora(self._part(path), config)
         self._enter(0)
@@ -112,12 +114,21 @@ class StagedFreezing(Callback):
                 for name, param in self._part(path).train().named_parameters():
                     param.requires_grad = "lora_" in name
                 self.frozen.discard(path)
-            module = self._module
-            module.lr_multipliers = {**getattr(module, "lr_multipliers", {}), **phase.lr_multipliers}
-            module.loss_weights = {**getattr(module, "loss_weights", {}), **phase.loss_weights}
+            self._module.lr_multipliers = {**self._module.lr_multipliers, **phase.lr_multipliers}
+            self._module.loss.set_weights(phase.loss_weights)
             log.info("staged freezing: entering phase %d %s", i, phase)
         self.current = max(self.current, index)
         self._keep_frozen_in_eval()
+
+    def _check_plan(self) -> None:
+        """Every part every phase names exists, and every loss term it weighs."""
+        for phase in self.phases:
+            for path in [*phase.freeze, *phase.unfreeze, *phase.lora]:
+                self._part(path)
+            try:
+                self._module.loss.check_weights(phase.loss_weights)
+            except ValueError as err:
+                raise ValueError(f"staged freezing: {err}") from None
 
     def _keep_frozen_in_eval(self) -> None:
         for path in self.frozen:

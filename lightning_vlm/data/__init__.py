@@ -1,1 +1,7 @@
-"""Data: the synthetic benchmark, shard reading and writing, transforms, task formatting, the DataModule."""
+"""Data: the streaming pipeline (sources, stream, transforms, task formatting, collate, the DataModule); the
+synthetic benchmark in data/synthetic/, the command-line tools in data/tools/."""
+
+from lightning_vlm.data.datamodule import ShardDataModule
+from lightning_vlm.data.sources import ShardSource
+
+__all__ = ["ShardDataModule", "ShardSource"]

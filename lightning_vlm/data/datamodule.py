@@ -1,7 +1,7 @@
 """ShardDataModule: streams webdataset shards into the batch dict every paradigm consumes.
 
 Batch fields: ``pixel_values`` (B, 3, H, W) normalised; ``input_ids``, ``attention_mask``, ``labels`` (B, L)
-with labels -100 wherever no loss applies; ``meta`` (list of per-sample dicts: key, task, caption, prompt,
+with labels IGNORE_INDEX (-100) wherever no loss applies; ``meta`` (list of per-sample dicts: key, task, caption, prompt,
 target, objects, qa, hard_negatives, flipped); with ``hard_negatives: k`` training batches of contrastive
 examples add ``negative_input_ids`` / ``negative_attention_mask`` / ``negative_valid`` (see `Collator`); a model
 with a second text consumer that reads captions (BLIP-2's Q-Former) declares ``caption_tokenizer`` and
@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from lightning import LightningDataModule
@@ -30,10 +31,20 @@ from lightning_vlm.data.sources import MANIFEST, ShardSource, as_sources, read_m
 from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
 from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
 from lightning_vlm.data.tasks import TaskFormatter
-from lightning_vlm.tokens import location_tokens
-from lightning_vlm.tokens import load_tokenizer
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from lightning_vlm.tokens import load_tokenizer, location_tokens
 
+
+class DataConsumer(Protocol):
+    """What the DataModule asks of the model it feeds (every `VLMParadigm` answers it; None where it has none):
+    the tokenizer of the text it trains on, a second consumer's for the captions (BLIP-2's Q-Former), the
+    placeholder written where each image stands, and its vision backbone's normalisation."""
+
+    tokenizer: PreTrainedTokenizerBase | None
+    caption_tokenizer: PreTrainedTokenizerBase | None
+    image_token: str | None
+    image_mean: tuple[float, ...] | None
+    image_std: tuple[float, ...] | None
 
 
 class ShardDataModule(LightningDataModule):
@@ -119,7 +130,8 @@ class ShardDataModule(LightningDataModule):
             raise ValueError(f"{self.hparams.root} has no split(s) {missing} (it has {sorted(splits)}): "
                              "set data.init_args.val_splits / test_splits")
         self.tokenizer = self._resolve_tokenizer()
-        self.caption_tokenizer = getattr(self._model(), "caption_tokenizer", None)
+        model = self._model()
+        self.caption_tokenizer = model.caption_tokenizer if model is not None else None
         if self._grounding():
             missing = set(location_tokens(self.hparams.loc_bins)) - set(self.tokenizer.get_vocab())
             if missing:
@@ -171,8 +183,9 @@ class ShardDataModule(LightningDataModule):
         formatter = TaskFormatter(tasks, self.hparams.caption_prompt, loc_bins=self.hparams.loc_bins,
                                   hard_negatives=negatives, object_captions=object_captions,
                                   system_prompt=self.hparams.system_prompt, chat_turns=self.hparams.chat_turns)
+        model = self._model()
         collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer,
-                           getattr(self._model(), "image_token", None), self.hparams.shots)
+                           model.image_token if model is not None else None, self.hparams.shots)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
         epoch = (lambda: self.trainer.current_epoch) if train and self.trainer is not None else None
@@ -188,7 +201,8 @@ class ShardDataModule(LightningDataModule):
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.hparams.tokenizer:
             return load_tokenizer(self.hparams.tokenizer)
-        declared = getattr(self._model(), "tokenizer", None)
+        model = self._model()
+        declared = model.tokenizer if model is not None else None
         if isinstance(declared, PreTrainedTokenizerBase):
             return declared
         tokenizer = load_tokenizer(self.hparams.root)
@@ -205,11 +219,11 @@ class ShardDataModule(LightningDataModule):
             rank_zero_warn("no model attached and no image_mean/image_std given: images are normalised with CLIP's "
                            "statistics; a model expecting others (e.g. a timm ViT's 0.5) would see shifted pixels: "
                            "pass image_mean=model.image_mean, image_std=model.image_std")
-        mean = self.hparams.image_mean or getattr(model, "image_mean", None) or CLIP_MEAN
-        std = self.hparams.image_std or getattr(model, "image_std", None) or CLIP_STD
+        mean = self.hparams.image_mean or (model.image_mean if model is not None else None) or CLIP_MEAN
+        std = self.hparams.image_std or (model.image_std if model is not None else None) or CLIP_STD
         return tuple(mean), tuple(std)
 
-    def _model(self):
+    def _model(self) -> DataConsumer | None:
         return self.trainer.lightning_module if self.trainer is not None else None
 
 

@@ -6,7 +6,9 @@ LoRA comes from peft (`add_lora`), injected in place so the wrapped model keeps 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import peft
 import torch
@@ -33,6 +35,17 @@ TINY_LLAMA: dict[str, Any] = {
 }
 
 
+@dataclass
+class NextTokenOutput:
+    """What a next-token loss reads (losses/language.py): the hidden states of every position (B, L, D), the
+    unshifted labels (B, L; IGNORE_INDEX where no loss applies), and the head that turns hidden states into
+    vocabulary logits, which the loss applies only where a label is."""
+
+    hidden: Tensor
+    labels: Tensor
+    head: Callable[[Tensor], Tensor]
+
+
 class LanguageModel(nn.Module):
     """`AutoModelForCausalLM.from_pretrained(name_or_path)` or `from_config(TINY_LLAMA | config)`.
 
@@ -47,9 +60,6 @@ class LanguageModel(nn.Module):
     and, on a CPU with bf16 instructions, its step time; inputs are cast to it, so the parts around it stay float32.
     `attn_implementation` goes to transformers ("eager", "sdpa", ...): on CPU, bf16 SDPA's backward is slow for
     short sequences, eager is not.
-    `loss_reduction`: "token" averages the next-token loss over every labelled token of the batch (transformers'
-    way), "sample" over each sequence's labelled tokens first, then over sequences, so a one-word answer weighs
-    as much as a twenty-token caption.
     """
 
     def __init__(
@@ -61,12 +71,8 @@ class LanguageModel(nn.Module):
         location_bins: int = 0,
         dtype: str | None = None,
         attn_implementation: str | None = None,
-        loss_reduction: Literal["token", "sample"] = "token",
     ) -> None:
         super().__init__()
-        if loss_reduction not in ("token", "sample"):
-            raise ValueError(f"loss_reduction must be 'token' or 'sample', got {loss_reduction!r}")
-        self.loss_reduction = loss_reduction
         options = {"dtype": weights_dtype(dtype)} if dtype is not None else {}
         if attn_implementation is not None:
             options["attn_implementation"] = attn_implementation
@@ -127,35 +133,22 @@ class LanguageModel(nn.Module):
         """(B, L) token ids -> (B, L, D) input embeddings."""
         return self.model.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None, **kwargs: Any):
-        """transformers' causal LM forward; with ``labels`` (unshifted, -100 = no loss) it returns the next-token
-        loss, the one place where labels are shifted."""
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor,
+                position_ids: Tensor | None = None) -> NextTokenOutput:
+        """The decoder's hidden states for the next-token loss on ``labels`` (unshifted). `attention_mask` is (B, L)
+        padding or a prepared (B, 1, L, L) additive mask (a prefix-LM's) in the LM's `dtype`; `position_ids`
+        default to sequential."""
         inputs_embeds = inputs_embeds.to(self.dtype)  # visual tokens come in float32
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                          position_ids=position_ids).last_hidden_state
+        return NextTokenOutput(hidden, labels, self.logits)
 
-    def loss(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor,
-             position_ids: Tensor | None = None) -> Tensor:
-        """The next-token loss of ``forward(..., labels=labels)``, with the output layer applied only where a label
-        is: the decoder's hidden states at the labelled positions, not the logits of every position over the whole
-        vocabulary (a fifth of SmolLM2-135M's compute; transformers' ``logits_to_keep`` keeps only a suffix).
-        Models that post-process their logits (Gemma's soft-capping) take transformers' logits. `attention_mask`
-        is (B, L) padding or a prepared (B, 1, L, L) additive mask (a prefix-LM's) in the LM's `dtype`;
-        `position_ids` default to sequential."""
-        targets = labels[:, 1:]
-        keep = targets != -100
-        if getattr(self.model.config, "final_logit_softcapping", None):
-            logits = self(inputs_embeds, attention_mask, position_ids=position_ids).logits[:, :-1][keep]
-        else:
-            inputs_embeds = inputs_embeds.to(self.dtype)  # visual tokens come in float32
-            hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                              position_ids=position_ids).last_hidden_state
-            logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
-        if self.loss_reduction == "token":
-            return nn.functional.cross_entropy(logits.float(), targets[keep])
-        losses = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
-        per_row = losses.new_zeros(len(keep)).index_add(0, keep.nonzero()[:, 0], losses)
-        counts = keep.sum(1)
-        return (per_row[counts > 0] / counts[counts > 0]).mean()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits of hidden states: the output layer, then the final soft-capping of models that have it
+        (Gemma 2), as transformers' forward applies it."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return logits if not cap else cap * torch.tanh(logits / cap)
 
     @torch.no_grad()
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, **generation: Any) -> Tensor:

@@ -1,12 +1,13 @@
 """The paradigm-agnostic evaluation suite for image-text scoring models: retrieval, zero-shot, attribute binding.
 
-Any model with ``encode_images`` / ``encode_texts`` / ``similarity`` (CONTRACTS.md) is scored the same way.
+Any `Retriever` is scored the same way; every evaluator a paradigm keeps per split is an `Evaluator`.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
@@ -25,6 +26,33 @@ from lightning_vlm.eval.zero_shot import (
     similarity_matrix,
     zero_shot_predictions,
 )
+
+
+class Retriever(Protocol):
+    """What the suite asks of a model it scores (dual encoders, Llip, the masked models, BLIP-2, CoCa)."""
+
+    def encode_images(self, pixel_values: Tensor) -> Any:
+        """(N, 3, H, W) -> image representations batched along dim 0 (a Tensor or a tuple of Tensors)."""
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(N, L) -> (N, E) text representations."""
+
+    def similarity(self, image_repr: Any, text_repr: Tensor) -> Tensor:
+        """(N_img, N_txt) scores exactly as training sees them."""
+
+
+class Evaluator(Protocol):
+    """What a paradigm keeps per eval split (`VLMParadigm.evaluators`): fed every batch until `full`, then computed
+    into ``{split}/{metric}`` values and reset for the next evaluation."""
+
+    @property
+    def full(self) -> bool: ...
+
+    def update(self, model: Any, batch: dict[str, Any]) -> None: ...
+
+    def compute(self, model: Any, split: str) -> dict[str, float]: ...
+
+    def reset(self) -> None: ...
 
 
 class ContrastiveEvaluator:

@@ -1,4 +1,4 @@
-"""Zero-shot classification from prompt templates, for any model with the contrastive-style API (CONTRACTS.md).
+"""Zero-shot classification from prompt templates, for any `Retriever` (eval/suite.py).
 
 Scores, not text embeddings, are averaged over templates, because ``encode_texts`` need not return a plain
 normalised tensor (Llip conditions the image on the caption inside ``similarity``). The helpers below handle

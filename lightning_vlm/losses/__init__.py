@@ -1,28 +1,27 @@
-"""Losses: pure functions and thin parameter-free modules; distributed gathering lives here."""
+"""Losses: pure functions and thin parameter-free modules that turn a model's output into named, weighted terms
+(`LossOutput`); the one label shift lives in `language`."""
 
-from lightning_vlm.losses.contrastive import (
-    CLIPLoss,
-    LlipLoss,
-    SigLIPLoss,
-    caption_keys,
-    clip_loss,
-    scale_logits,
-    sigmoid_pair_loss,
-    siglip_loss,
-)
-from lightning_vlm.distributed import gather_with_grad, rank_offset
-from lightning_vlm.losses.output import LossOutput
+from lightning_vlm.losses.coca import CoCaLoss
+from lightning_vlm.losses.contrastive import CLIPLoss, LlipLoss, SigLIPLoss, clip_loss, sigmoid_pair_loss, siglip_loss
+from lightning_vlm.losses.language import NextTokenLoss, next_token_loss, shift_labels
+from lightning_vlm.losses.masked import MaskedModelingLoss
+from lightning_vlm.losses.output import LossOutput, WeightedLoss
+from lightning_vlm.losses.qformer import BLIP2Loss, itc_loss
 
 __all__ = [
+    "BLIP2Loss",
     "CLIPLoss",
+    "CoCaLoss",
     "LlipLoss",
     "LossOutput",
+    "MaskedModelingLoss",
+    "NextTokenLoss",
     "SigLIPLoss",
-    "caption_keys",
+    "WeightedLoss",
     "clip_loss",
-    "gather_with_grad",
-    "rank_offset",
-    "scale_logits",
+    "itc_loss",
+    "next_token_loss",
+    "shift_labels",
     "sigmoid_pair_loss",
     "siglip_loss",
 ]

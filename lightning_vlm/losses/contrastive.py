@@ -13,88 +13,14 @@ to spell it) is left out of that row's loss, neither negative nor extra positive
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_vlm.distributed import gather_with_grad, rank_offset
-from lightning_vlm.losses.output import LossOutput
-
-if TYPE_CHECKING:
-    from lightning_vlm.models.contrastive import ContrastiveOutput, LlipOutput
-
-LOGIT_SCALE_MAX = math.log(100.0)
-
-
-def scale_logits(cosine: Tensor, logit_scale: Tensor, logit_bias: Tensor | None = None) -> Tensor:
-    """t * cosine + b with t = exp(logit_scale clamped to [0, ln 100]).
-
-    The clamp happens here, in the forward pass (the parameter itself is never modified); at the bound the
-    scale gets no gradient, which caps the temperature as CLIP does.
-    """
-    logits = temperature(logit_scale) * cosine
-    return logits if logit_bias is None else logits + logit_bias
-
-
-def cosine_matrix(rows: Tensor, columns: Tensor) -> Tensor:
-    """(n, m) dot products of normalised embeddings, in float32 even under autocast: scaled by up to 100, bf16's
-    8-bit mantissa would move a logit by up to ~0.4, more than the margins that tell a caption from its hard negative."""
-    with torch.autocast(rows.device.type, enabled=False):
-        return rows.float() @ columns.float().T
-
-
-def temperature(logit_scale: Tensor) -> Tensor:
-    """The multiplier t = exp(logit_scale), the log-scale clamped to [0, ln 100]."""
-    return logit_scale.clamp(0.0, LOGIT_SCALE_MAX).exp()
-
-
-def caption_keys(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(N,) int64 keys equal for captions with the same real tokens at the same positions.
-
-    Two polynomial hashes modulo 31-bit primes, packed into one int64 (no overflow on the way). Written here
-    because the keys must match across ranks: ``torch.unique(dim=0)`` groups rows within one process only.
-    """
-    tokens = (input_ids.long() + 1) * attention_mask.long()  # padding 0, every real token >= 1
-    key = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    for base, prime in _CAPTION_HASHES:
-        powers = torch.tensor([pow(base, t, prime) for t in range(tokens.shape[1])], device=tokens.device)
-        key = key * 2**31 + ((tokens % prime) * powers % prime).sum(dim=1) % prime
-    return key
-
-
-_CAPTION_HASHES = ((1_000_003, 2_147_483_647), (911_382_323, 2_147_483_629))
-
-
-def text_columns(
-    text_emb: Tensor,
-    negative_emb: Tensor | None = None,
-    negative_valid: Tensor | None = None,
-    text_keys: Tensor | None = None,
-    negative_keys: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Every rank's captions, then every rank's real hard negatives (gathered with gradients; padded slots,
-    ``negative_valid`` False, are left out), and which columns count for which local row: None when all do, else
-    a (n_local, n_columns) bool mask that, given `text_keys`, hides the copies of a row's own caption (its own
-    positive always counts)."""
-    columns = gather_with_grad(text_emb)
-    keys = None if text_keys is None else gather_with_grad(text_keys)
-    if negative_emb is not None:
-        if negative_valid is None:
-            negative_valid = torch.ones(negative_emb.shape[0], dtype=torch.bool, device=negative_emb.device)
-        real = gather_with_grad(negative_valid.to(negative_emb.dtype)) > 0.5  # float: gloo gathers no bools
-        columns = torch.cat([columns, gather_with_grad(negative_emb)[real]])
-        if keys is not None:
-            unknown = torch.full((negative_emb.shape[0],), -1, dtype=keys.dtype, device=keys.device)
-            keys = torch.cat([keys, gather_with_grad(unknown if negative_keys is None else negative_keys)[real]])
-    if keys is None:
-        return columns, None
-    rows = torch.arange(text_keys.shape[0], device=keys.device)
-    distinct = text_keys[:, None] != keys[None, :]
-    distinct[rows, rows + rank_offset(len(rows))] = True
-    return columns, distinct
+from lightning_vlm.losses.output import LossOutput, WeightedLoss
+from lightning_vlm.models.contrastive import ContrastiveOutput, LlipOutput
+from lightning_vlm.models.similarity import cosine_matrix, scale_logits, temperature, text_columns
 
 
 def clip_loss(
@@ -164,17 +90,21 @@ def _scale_stats(logit_scale: Tensor, logit_bias: Tensor | None) -> dict[str, Te
     return stats
 
 
-class CLIPLoss(nn.Module):
+class CLIPLoss(WeightedLoss):
     """CLIP (Radford et al., 2021): symmetric InfoNCE with a learnable temperature; term "itc"."""
+
+    term_names = ("itc",)
 
     def forward(self, out: ContrastiveOutput) -> LossOutput:
         loss = clip_loss(out.image_emb, out.text_emb, out.logit_scale, out.negative_emb, out.negative_valid,
                          out.text_keys, out.negative_keys)
-        return LossOutput.from_terms({"itc": loss}, _scale_stats(out.logit_scale, None))
+        return self.weigh({"itc": loss}, _scale_stats(out.logit_scale, None))
 
 
-class SigLIPLoss(nn.Module):
+class SigLIPLoss(WeightedLoss):
     """SigLIP (Zhai et al., 2023): pairwise sigmoid loss with learnable temperature and bias; term "sigmoid"."""
+
+    term_names = ("sigmoid",)
 
     def forward(self, out: ContrastiveOutput) -> LossOutput:
         if out.logit_bias is None:
@@ -183,24 +113,22 @@ class SigLIPLoss(nn.Module):
             out.image_emb, out.text_emb, out.logit_scale, out.logit_bias, out.negative_emb, out.negative_valid,
             out.text_keys, out.negative_keys,
         )
-        return LossOutput.from_terms({"sigmoid": loss}, _scale_stats(out.logit_scale, out.logit_bias))
+        return self.weigh({"sigmoid": loss}, _scale_stats(out.logit_scale, out.logit_bias))
 
 
-class LlipLoss(nn.Module):
+class LlipLoss(WeightedLoss):
     """Llip (Lavoie et al., 2024): sigmoid loss on caption-conditioned image-caption logits; term "sigmoid"; stats
     also the mixing weights' normalised entropy (`Llip.mixture_entropy`). With `Llip(uniform_anchor=True)` the same
-    loss on the caption-independent logits is added as term "anchor", times `anchor_weight`."""
+    loss on the caption-independent logits is term "anchor"."""
 
-    def __init__(self, anchor_weight: float = 1.0) -> None:
-        super().__init__()
-        self.anchor_weight = anchor_weight
+    term_names = ("sigmoid", "anchor")
 
     def forward(self, out: LlipOutput) -> LossOutput:
         offset = rank_offset(out.logits.shape[0])
         terms = {"sigmoid": sigmoid_pair_loss(out.logits, offset, out.column_valid)}
         if out.anchor_logits is not None:
-            terms["anchor"] = self.anchor_weight * sigmoid_pair_loss(out.anchor_logits, offset, out.column_valid)
+            terms["anchor"] = sigmoid_pair_loss(out.anchor_logits, offset, out.column_valid)
         stats = _scale_stats(out.logit_scale, out.logit_bias)
         if out.mixture_entropy is not None:
             stats["mixture_entropy"] = out.mixture_entropy
-        return LossOutput.from_terms(terms, stats)
+        return self.weigh(terms, stats)

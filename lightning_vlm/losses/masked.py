@@ -7,17 +7,13 @@ when an image tokenizer gives codes), mean squared error over the masked patches
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_vlm.losses.contrastive import CLIPLoss
-from lightning_vlm.losses.output import LossOutput
-
-if TYPE_CHECKING:
-    from lightning_vlm.models.masked import MaskedModelingOutput, MaskedPrediction
+from lightning_vlm.losses.output import LossOutput, WeightedLoss
+from lightning_vlm.models.masked import MaskedModelingOutput, MaskedPrediction
 
 
 def masked_prediction_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -36,34 +32,31 @@ def matching_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-class MaskedModelingLoss(nn.Module):
+class MaskedModelingLoss(WeightedLoss):
     """The weighted sum of a masked model's named terms: its masked predictions ("mlm", "mim", "mmm_text",
-    "mmm_image", ...), "itm", and the contrastive loss's own terms ("itc" from CLIPLoss, or "sigmoid").
+    "mmm_image"), "itm", and the contrastive loss's own terms ("itc" from CLIPLoss, or "sigmoid").
 
-    ``weights`` maps term names to weights (1.0 for a term not named); a name the model does not produce is an
-    error that names it, and a term weighted 0 is left out of the total.
+    A term weighted 0 is left out of the total. A unimodal batch (FLAVA's image-only or text-only sources) has only
+    its own masked prediction.
     """
 
-    def __init__(self, weights: dict[str, float] | None = None, contrastive: nn.Module | None = None) -> None:
-        super().__init__()
-        self.weights = dict(weights or {})
-        self.contrastive = contrastive if contrastive is not None else CLIPLoss()
+    masked_terms = ("mlm", "mim", "mmm_text", "mmm_image", "itm")
+
+    def __init__(self, weights: dict[str, float] | None = None, contrastive: WeightedLoss | None = None) -> None:
+        contrastive = contrastive if contrastive is not None else CLIPLoss()
+        super().__init__(weights, self.masked_terms + contrastive.term_names)
+        self.contrastive = contrastive
 
     def forward(self, out: MaskedModelingOutput) -> LossOutput:
         raw = {name: masked_prediction_loss(p.pred, p.target, p.mask) for name, p in out.predictions.items()}
         stats = masked_fractions(out.predictions)
-        if out.contrastive is not None:
+        if out.contrastive is not None:  # raw terms: this loss weighs them, the contrastive loss's own weights stay 1
             contrastive = self.contrastive(out.contrastive)
             raw, stats = {**contrastive.terms, **raw}, {**contrastive.stats, **stats}
         if out.itm_logits is not None:
             raw["itm"] = matching_loss(out.itm_logits, out.itm_labels)
             stats["itm_accuracy"] = (out.itm_logits.argmax(-1) == out.itm_labels).float().mean().detach()
-        unknown = sorted(set(self.weights) - set(raw))
-        if unknown and out.contrastive is not None:  # a pair batch has every term; a unimodal one only its own
-            raise KeyError(f"loss weights name unknown terms {unknown}; this model's terms are {sorted(raw)}")
-        terms = {name: self.weights.get(name, 1.0) * value for name, value in raw.items()
-                 if self.weights.get(name, 1.0) != 0}
-        return LossOutput.from_terms(terms, stats)
+        return self.weigh(raw, stats)
 
 
 def masked_fractions(predictions: dict[str, MaskedPrediction]) -> dict[str, Tensor]:

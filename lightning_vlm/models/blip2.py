@@ -11,29 +11,22 @@ Q-Former's shared self-attention, so they extract what the instruction asks abou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_vlm.adapters.projection import make_projection
-from lightning_vlm.adapters.qformer import QFormer
+from lightning_vlm.adapters import Adapter, Linear, QFormer
 from lightning_vlm.encoders import VisionEncoder
-from lightning_vlm.encoders.lm import LanguageModel
-from lightning_vlm.losses.contrastive import scale_logits
-from lightning_vlm.distributed import rank_offset
-from lightning_vlm.losses.qformer import (
-    itc_loss,
-    itg_loss,
-    itm_loss,
-    mine_pair_negatives,
-    query_text_similarity,
-)
+from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
+from lightning_vlm.models.similarity import mine_pair_negatives, query_text_similarity, scale_logits
 from lightning_vlm.models.visual_prompt import VisualPromptLM
+from lightning_vlm.tokens import IGNORE_INDEX
+
+OBJECTIVES = ("itc", "itm", "itg", "lm")
 
 
 @dataclass
@@ -42,6 +35,22 @@ class TextBatch:
 
     input_ids: Tensor
     attention_mask: Tensor
+
+
+@dataclass
+class BLIP2Output:
+    """What BLIP-2 computed for the objectives it was asked for (None for the others). ITC: the queries' and the
+    captions' normalised embeddings (B, Q, E), (B, E) and ``logit_scale``; ITM: (3B, 2) not-match / match logits of
+    B pairs, B images with a mined negative caption and B captions with a mined negative image, and their 0/1
+    labels; ITG: the Q-Former's predictions of the captions; LM: the language model's of the target text."""
+
+    logit_scale: Tensor
+    query_emb: Tensor | None = None
+    text_emb: Tensor | None = None
+    itm_logits: Tensor | None = None
+    itm_labels: Tensor | None = None
+    itg: NextTokenOutput | None = None
+    lm: NextTokenOutput | None = None
 
 
 class ITGHead(nn.Module):
@@ -62,7 +71,8 @@ class BLIP2(VisualPromptLM):
     """Image encoder -> Q-Former (stage 1 heads) -> projection -> language model (stage 2).
 
     ``qformer`` is called with the image encoder's width (so YAML never repeats it); ``language_model`` is
-    optional: without it the model is stage 1 only. ``instruction_aware``: the paradigm gives the visual prompt
+    optional: without it the model is stage 1 only. ``projection``: the adapter from the queries to the LM's width
+    (default `Linear`, the paper's). ``instruction_aware``: the paradigm gives the visual prompt
     each image's instruction (`instructed`), which the queries read (InstructBLIP). ``vision_norm``: a trainable
     LayerNorm over the frozen encoder's tokens before the queries read them (the paper's ``ln_vision``), so the
     Q-Former starts from unit-scale features whatever encoder it is given: its cross-attention turns their scale
@@ -75,9 +85,8 @@ class BLIP2(VisualPromptLM):
         qformer: Callable[[int], QFormer],
         language_model: LanguageModel | None = None,
         embed_dim: int = 256,
-        projection: Literal["linear", "mlp"] = "linear",
+        projection: Adapter | None = None,
         logit_scale_init: float = math.log(1 / 0.07),
-        itg_label_smoothing: float = 0.1,
         instruction_aware: bool = False,
         vision_norm: bool = True,
     ) -> None:
@@ -91,11 +100,32 @@ class BLIP2(VisualPromptLM):
         self.itm_head = nn.Linear(width, 2)
         self.itg_head = ITGHead(self.qformer.word_embeddings)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
-        self.itg_label_smoothing = itg_label_smoothing
         self.language_model = language_model
-        self.lm_projection = make_projection(projection, width, language_model.width) if language_model else None
+        self.lm_projection = (projection or Linear()).build(width, language_model.width) if language_model else None
         self.instruction_aware = instruction_aware
         self._instruction: TextBatch | None = None
+
+    def forward(self, pixel_values: Tensor, captions: TextBatch | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                image_index: Tensor | None = None, instruction: TextBatch | None = None,
+                objectives: Collection[str] = OBJECTIVES) -> BLIP2Output:
+        """The `objectives` asked for (the loss's active terms; stage 1 skips the LM, stage 2 the Q-Former's own):
+        the stage-1 ones on the ``captions``, ``lm`` on the target text (``input_ids``, ``labels``: the LM's tokens)
+        with each image's queries reading its ``instruction`` when the model is instruction-aware."""
+        out = BLIP2Output(self.logit_scale)
+        if {"itc", "itm", "itg"} & set(objectives):
+            image = self.image_features(pixel_values)
+            if {"itc", "itm"} & set(objectives):
+                out.query_emb, out.text_emb = self.contrastive_embeddings(image, captions)
+                if "itm" in objectives:
+                    similarity = query_text_similarity(out.query_emb, out.text_emb).detach()
+                    out.itm_logits, out.itm_labels = self.matching(image, captions, similarity)
+            if "itg" in objectives:
+                out.itg = self.caption_predictions(image, captions)
+        if "lm" in objectives:
+            with self.instructed(instruction) if instruction is not None else nullcontext():
+                out.lm = self.predict_text(pixel_values, input_ids, attention_mask, labels, image_index)
+        return out
 
     # ---- shared pieces --------------------------------------------------------------------------------------
     def image_features(self, pixel_values: Tensor) -> Tensor:
@@ -111,38 +141,36 @@ class BLIP2(VisualPromptLM):
         return self.qformer(image, instruction.input_ids, instruction.attention_mask, mask="bidirectional").queries
 
     # ---- stage 1 ----------------------------------------------------------------------------------------------
-    def itc(self, image: Tensor, text: TextBatch) -> tuple[Tensor, Tensor]:
-        """ITC loss and the local image->text similarities. One joint pass under the unimodal mask: queries
-        and text share the layers but never see each other."""
+    def contrastive_embeddings(self, image: Tensor, text: TextBatch) -> tuple[Tensor, Tensor]:
+        """ITC's normalised query (B, Q, E) and caption (B, E) embeddings. One joint pass under the unimodal mask:
+        queries and text share the layers but never see each other."""
         out = self.qformer(image, text.input_ids, text.attention_mask, mask="unimodal")
-        query_emb = F.normalize(self.vision_proj(out.queries), dim=-1)
-        text_emb = F.normalize(self.text_proj(out.text[:, 0]), dim=-1)
-        return itc_loss(query_emb, text_emb, self.logit_scale)
+        return F.normalize(self.vision_proj(out.queries), dim=-1), F.normalize(self.text_proj(out.text[:, 0]), dim=-1)
 
-    def itm(self, image: Tensor, text: TextBatch, similarity: Tensor) -> Tensor:
-        """ITM loss over B positives, B images with a mined hard-negative text and B texts with a mined image.
-
-        Negatives are mined within the local batch (columns of `similarity` for this rank's texts); a text
-        identical to the positive never serves as its negative.
-        """
+    def matching(self, image: Tensor, text: TextBatch, similarity: Tensor) -> tuple[Tensor, Tensor]:
+        """ITM logits and labels over B positives, B images with a mined hard-negative text and B texts with a
+        mined image, mined from the local (B, B) image->text ``similarity``; a text identical to the positive never
+        serves as its negative."""
         n, ids = image.shape[0], text.input_ids
-        local = similarity[:, rank_offset(n):rank_offset(n) + n]
-        negative_text, negative_image = mine_pair_negatives(local, ids)
+        negative_text, negative_image = mine_pair_negatives(similarity, ids)
         images = torch.cat([image, image, image[negative_image]])
         texts = torch.cat([ids, ids[negative_text], ids])
         masks = torch.cat([text.attention_mask, text.attention_mask[negative_text], text.attention_mask])
-        return itm_loss(self.match_logits(images, texts, masks), n)
+        labels = torch.zeros(3 * n, dtype=torch.long, device=image.device)
+        labels[:n] = 1
+        return self.match_logits(images, texts, masks), labels
 
     def match_logits(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, 2) not-match / match logits: bidirectional mask, head over the mean of the query outputs."""
         out = self.qformer(image, input_ids, attention_mask, mask="bidirectional")
         return self.itm_head(out.queries.mean(dim=1))
 
-    def itg(self, image: Tensor, text: TextBatch) -> Tensor:
-        """ITG loss: the caption generated from the queries under the multimodal causal mask, the decoding
-        token in place of the first token."""
+    def caption_predictions(self, image: Tensor, text: TextBatch) -> NextTokenOutput:
+        """ITG: the caption read from the queries under the multimodal causal mask, the decoding token in place of
+        the first token; padding carries no label."""
         out = self.qformer(image, text.input_ids, text.attention_mask, mask="multimodal_causal", decoder=True)
-        return itg_loss(self.itg_head(out.text), text.input_ids, text.attention_mask, self.itg_label_smoothing)
+        return NextTokenOutput(out.text, text.input_ids.masked_fill(text.attention_mask == 0, IGNORE_INDEX),
+                               self.itg_head)
 
     # ---- stage 2 ----------------------------------------------------------------------------------------------
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
@@ -165,7 +193,7 @@ class BLIP2(VisualPromptLM):
         finally:
             self._instruction = None
 
-    # ---- contrastive-style eval API (CONTRACTS.md) -------------------------------------------------------------
+    # ---- a Retriever for the eval suite (eval/suite.py) -------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, Q, E) normalised query embeddings."""
         return F.normalize(self.vision_proj(self.queries(self.image_features(pixel_values))), dim=-1)
@@ -178,12 +206,3 @@ class BLIP2(VisualPromptLM):
     def similarity(self, image_repr: Tensor, text_repr: Tensor) -> Tensor:
         """(N_img, N_txt) ITC logits: each text against its best-matching query."""
         return scale_logits(query_text_similarity(image_repr, text_repr), self.logit_scale)
-
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing."""
-        heads = nn.ModuleList([self.vision_proj, self.text_proj, self.itm_head, self.itg_head.transform])
-        groups = {"vision": self.vision, "vision_norm": self.vision_norm, "qformer": self.qformer, "heads": heads}
-        if self.language_model is not None:
-            groups.update(language_model=self.language_model, lm_projection=self.lm_projection)
-        return groups
-

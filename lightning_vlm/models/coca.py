@@ -1,7 +1,8 @@
 """CoCa (Yu et al., 2022): contrastive captioners. One text decoder is split in two: its first layers are a
 unimodal text model whose output at an appended [CLS] token is the caption's embedding; its last layers also
-cross-attend to the image (multimodal layers) and caption it. Attentional poolers read the image encoder's tokens:
-one query for the contrastive image embedding, `num_caption_queries` for the multimodal layers.
+cross-attend to the image (multimodal layers) and caption it. Two adapters read the image encoder's tokens, by
+default attentional poolers: one query for the contrastive image embedding, 256 in the paper (16 here) for the
+multimodal layers.
 """
 
 from __future__ import annotations
@@ -13,21 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_vlm.adapters import Adapter, AttentionPooler
 from lightning_vlm.encoders import VisionEncoder
-from lightning_vlm.encoders.lm import LanguageModel
-from lightning_vlm.losses.contrastive import caption_keys, scale_logits
-from lightning_vlm.models.attention_pool import AttentionPooler
+from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
+from lightning_vlm.models.similarity import caption_keys, scale_logits
 from lightning_vlm.models.contrastive import ContrastiveHeads, ContrastiveOutput
 from lightning_vlm.models.cross_attention import CrossAttentionLM, MediaCrossAttention
 
 
 @dataclass
 class CoCaOutput:
-    """contrastive: image and caption embeddings for the contrastive loss; caption: the captioning loss (the
-    next-token loss on the batch's labelled text, read through the multimodal layers)."""
+    """contrastive: image and caption embeddings for the contrastive loss; caption: the multimodal layers'
+    predictions of the batch's labelled text, for the captioning loss."""
 
     contrastive: ContrastiveOutput
-    caption: Tensor
+    caption: NextTokenOutput
 
 
 class CoCa(CrossAttentionLM):
@@ -39,7 +40,8 @@ class CoCa(CrossAttentionLM):
     places_images = False
 
     def __init__(self, vision: VisionEncoder, language_model: LanguageModel, unimodal_layers: int | None = None,
-                 embed_dim: int = 128, num_caption_queries: int = 16, num_heads: int = 4,
+                 embed_dim: int = 128, contrastive_pooler: Adapter | None = None,
+                 caption_pooler: Adapter | None = None, num_heads: int = 4,
                  logit_scale_init: float = math.log(1 / 0.07)) -> None:
         super().__init__()
         self.vision, self.language_model = vision, language_model
@@ -48,8 +50,8 @@ class CoCa(CrossAttentionLM):
         if not 0 < self.unimodal_layers < num_layers:
             raise ValueError(f"unimodal_layers must leave both parts a layer: 0 < {unimodal_layers} < {num_layers}")
         width = language_model.width
-        self.contrastive_pooler = AttentionPooler(vision.width, width, 1, num_heads)
-        self.caption_pooler = AttentionPooler(vision.width, width, num_caption_queries, num_heads)
+        self.contrastive_pooler = (contrastive_pooler or AttentionPooler(1, num_heads)).build(vision.width, width)
+        self.caption_pooler = (caption_pooler or AttentionPooler(16, num_heads)).build(vision.width, width)
         self.cross_attention = MediaCrossAttention(language_model, range(self.unimodal_layers, num_layers),
                                                    num_heads, gated=False)
         self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
@@ -62,10 +64,10 @@ class CoCa(CrossAttentionLM):
         image = self.vision(pixel_values).patch_tokens
         contrastive = ContrastiveOutput(self._image_embedding(image), self.encode_texts(caption_ids, caption_mask),
                                         self.heads.logit_scale, None, text_keys=caption_keys(caption_ids, caption_mask))
-        return CoCaOutput(contrastive, self.text_loss(self.caption_pooler(image), input_ids, attention_mask, labels))
+        return CoCaOutput(contrastive, self.read_text(self.caption_pooler(image), input_ids, attention_mask, labels))
 
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, num_caption_queries, D_lm): the pooled tokens the multimodal layers attend to."""
+        """(B, 3, H, W) -> (B, M, D_lm): the caption pooler's tokens, which the multimodal layers attend to."""
         return self.caption_pooler(self.vision(pixel_values).patch_tokens)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -88,7 +90,3 @@ class CoCa(CrossAttentionLM):
 
     def _image_embedding(self, image_tokens: Tensor) -> Tensor:
         return F.normalize(self.heads.image_proj(self.contrastive_pooler(image_tokens)[:, 0]), dim=-1)
-
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing."""
-        return dict(self.named_children())

@@ -1,6 +1,6 @@
 """Contrastive image-text models: a dual encoder (CLIP, SigLIP) and Llip's caption-conditioned image embedding.
 
-Both expose the eval API of CONTRACTS.md: encode_images, encode_texts, similarity (the training logits).
+Both are `Retriever`s (eval/suite.py): encode_images, encode_texts, similarity (the training logits).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, TextOutput, VisionEncoder, VisionOutput
-from lightning_vlm.losses.contrastive import caption_keys, cosine_matrix, scale_logits, text_columns
-from lightning_vlm.models.attention_pool import AttentionPooler
+from lightning_vlm.models.similarity import caption_keys, cosine_matrix, scale_logits, text_columns
+from lightning_vlm.adapters import AttentionPooler
 
 
 @dataclass
@@ -154,9 +154,6 @@ class DualEncoder(nn.Module):
         """(N_img, N_txt) logits exactly as the losses see them (sigmoid of them is SigLIP's match probability)."""
         return scale_logits(cosine_matrix(image_repr, text_repr), self.heads.logit_scale, self.heads.logit_bias)
 
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing."""
-        return {"vision": self.vision, "text": self.text, "heads": self.heads}
 
 
 class MixtureCrossAttention(nn.Module):
@@ -243,8 +240,8 @@ class Llip(nn.Module):
         self.text = text
         self.mixture_pool = None
         if num_mixture_tokens is not None:
-            self.mixture_pool = AttentionPooler(vision.width, vision.width, num_mixture_tokens, num_heads,
-                                                mixture_query_std)
+            self.mixture_pool = AttentionPooler(num_mixture_tokens, num_heads, mixture_query_std).build(
+                vision.width, vision.width)
             nn.init.zeros_(self.mixture_pool.norm.weight)  # ReZero-style: each token starts as the pooled vector
         self.heads = ContrastiveHeads(vision.width, text.width, embed_dim, logit_scale_init, logit_bias_init)
         self.mixture_attn = MixtureCrossAttention(embed_dim, num_heads, attention_temperature)
@@ -315,8 +312,3 @@ class Llip(nn.Module):
             quadratic = ((weights @ (values @ values.transpose(1, 2))) * weights).sum(-1)
             linear = (weights @ (values @ bias).unsqueeze(-1)).squeeze(-1)
             return dot / (quadratic + 2 * linear + bias @ bias).clamp_min(0).sqrt().clamp_min(1e-12)
-
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing (appended mixture tokens belong to "vision", a pooler is its own part)."""
-        pool = {} if self.mixture_pool is None else {"mixture_pool": self.mixture_pool}
-        return {"vision": self.vision, "text": self.text, **pool, "heads": self.heads, "mixture_attn": self.mixture_attn}

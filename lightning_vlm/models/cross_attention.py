@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
 from lightning_vlm.models.visual_prompt import VisualPromptLM, image_numbers, images_per_row
 
 
@@ -106,16 +106,16 @@ class CrossAttentionLM(VisualPromptLM):
 
     cross_attention: MediaCrossAttention
 
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                image_index: Tensor | None = None) -> Tensor:
-        """Next-token loss on the labelled tokens of the text, which reads its images by cross-attention."""
-        return self.text_loss(self.visual_prompt(pixel_values), input_ids, attention_mask, labels, image_index)
+    def predict_text(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                     image_index: Tensor | None = None) -> NextTokenOutput:
+        """The LM's predictions of the text, which reads its images by cross-attention."""
+        return self.read_text(self.visual_prompt(pixel_values), input_ids, attention_mask, labels, image_index)
 
-    def text_loss(self, visual: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                  image_index: Tensor | None = None) -> Tensor:
-        """`lm_loss` from the batch's visual tokens already made (N, M, D_lm)."""
+    def read_text(self, visual: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                  image_index: Tensor | None = None) -> NextTokenOutput:
+        """`predict_text` from the batch's visual tokens already made (N, M, D_lm)."""
         with self.cross_attention.conditioned_on(*self.media(visual, input_ids, image_index)):
-            return self.language_model.loss(self.language_model.embed(input_ids), attention_mask, labels)
+            return self.language_model(self.language_model.embed(input_ids), attention_mask, labels)
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,

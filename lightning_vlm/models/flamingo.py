@@ -9,7 +9,7 @@ few-shot sequence of several images reads each answer's own image.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_vlm.adapters import Adapter, PerceiverResampler
 from lightning_vlm.encoders import VisionEncoder
@@ -32,8 +32,3 @@ class Flamingo(CrossAttentionLM):
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, M, D_lm): the resampled visual tokens the text attends to."""
         return self.resampler(self.vision(pixel_values).patch_tokens)
-
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing."""
-        return {"vision": self.vision, "resampler": self.resampler, "cross_attention": self.cross_attention,
-                "language_model": self.language_model}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
-from lightning_vlm.losses.contrastive import caption_keys
+from lightning_vlm.models.similarity import caption_keys
 from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
@@ -134,7 +134,3 @@ class FLAVA(DualEncoder):
         patch_mask = self.masking.patch_mask(pixel_values)
         predicted = self.mim_head(self.vision(pixel_values, patch_mask).patch_tokens)
         return self.masking.reconstruction(pixel_values, predicted, patch_mask)
-
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing: the encoders, the multimodal encoder, and each head."""
-        return {name: child for name, child in self.named_children() if name != "masking"}

@@ -9,7 +9,7 @@ staged-freezing plan sets both in one fit.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_vlm.adapters import MLP, Adapter
 from lightning_vlm.encoders import RawPatches, VisionEncoder
@@ -31,7 +31,3 @@ class LLaVA(VisualPromptLM):
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, M, D_lm): the adapter's tokens from the image encoder's patch tokens."""
         return self.projector(self.vision(pixel_values).patch_tokens)
-
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing."""
-        return {"vision": self.vision, "projector": self.projector, "language_model": self.language_model}

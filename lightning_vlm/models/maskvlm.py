@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
-from lightning_vlm.losses.qformer import mine_pair_negatives
-from lightning_vlm.losses.contrastive import caption_keys
+from lightning_vlm.models.similarity import mine_pair_negatives
+from lightning_vlm.models.similarity import caption_keys
 from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
@@ -112,7 +112,3 @@ class MaskVLM(DualEncoder):
                                   other_padding=attention_mask == 0)
         predicted = self.mim_head(tokens[:, self.vision.num_prefix_tokens:])
         return self.masking.reconstruction(pixel_values, predicted, patch_mask)
-
-    def layer_groups(self) -> dict[str, nn.Module]:
-        """Named parts for staged freezing: the encoders, the cross-modality encoders, and each head."""
-        return {name: child for name, child in self.named_children() if name != "masking"}

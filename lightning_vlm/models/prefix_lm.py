@@ -17,7 +17,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 from lightning_vlm.adapters import Adapter
 from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.encoders import RawPatches, VisionEncoder
-from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
 from lightning_vlm.models.llava import LLaVA
 from lightning_vlm.models.visual_prompt import move_padding_left
 
@@ -69,16 +69,16 @@ class PrefixLM(LLaVA):
         self.bidirectional = prefix_attention == "bidirectional"
         self.shared_image_position = image_positions == "shared"
 
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                image_index: Tensor | None = None) -> Tensor:
-        """Next-token loss on the labelled suffix; the prefix is everything before the first label (the images and
+    def predict_text(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                     image_index: Tensor | None = None) -> NextTokenOutput:
+        """The LM's predictions of the labelled suffix; the prefix is everything before the first label (the images and
         the prompt; a chat's later turns and a few-shot example's demonstrations too)."""
         sequence = self.interleave(pixel_values, input_ids, attention_mask, image_index, labels)
         labelled = sequence.labels != IGNORE_INDEX
         prefix_end = torch.where(labelled.any(1), labelled.float().argmax(1), sequence.mask.sum(1))
         mask = prefix_attention_mask(sequence.mask, prefix_end, self.bidirectional)
-        return self.language_model.loss(sequence.embeds, additive(mask, self.language_model.dtype), sequence.labels,
-                                        position_ids(sequence.mask, sequence.image_slot, self.shared_image_position))
+        return self.language_model(sequence.embeds, additive(mask, self.language_model.dtype), sequence.labels,
+                                   position_ids(sequence.mask, sequence.image_slot, self.shared_image_position))
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, image_index: Tensor | None = None,

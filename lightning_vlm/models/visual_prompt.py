@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.tokens import IGNORE_INDEX
-from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _placeholder_first(text_embeds: Tensor, input_ids: Tensor, attention_mask: T
 
 
 class VisualPromptLM(nn.Module, ABC):
-    """Next-token loss and generation for text with images placed in it; subclasses set `language_model` and
+    """Next-token predictions and generation for text with images placed in it; subclasses set `language_model` and
     define `visual_prompt`. ``places_images``: whether the images stand in the text (False for a model that
     reads them by cross-attention only: then the data side writes no placeholder)."""
 
@@ -119,11 +119,16 @@ class VisualPromptLM(nn.Module, ABC):
         return place_images(self.visual_prompt(pixel_values), lm.embed(input_ids), input_ids, attention_mask,
                             lm.image_token_id, image_index, labels)
 
-    def lm_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                image_index: Tensor | None = None) -> Tensor:
-        """Next-token loss on the labelled (target) tokens, the images placed in the text."""
+    def predict_text(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                     image_index: Tensor | None = None) -> NextTokenOutput:
+        """The LM's predictions of the text with the images placed, for the next-token loss on its labels."""
         sequence = self.interleave(pixel_values, input_ids, attention_mask, image_index, labels)
-        return self.language_model.loss(sequence.embeds, sequence.mask, sequence.labels)
+        return self.language_model(sequence.embeds, sequence.mask, sequence.labels)
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                image_index: Tensor | None = None) -> NextTokenOutput:
+        """What the paradigm trains: `predict_text` (a model with other objectives as well says so here)."""
+        return self.predict_text(pixel_values, input_ids, attention_mask, labels, image_index)
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,

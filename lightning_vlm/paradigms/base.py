@@ -1,51 +1,109 @@
-"""The one shared base of every paradigm: optimizer and schedule, loss logging, and what the data side needs."""
+"""The one shared base of every paradigm: the training and evaluation steps, optimizer and schedule, loss logging,
+and what the data side needs."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from lightning import LightningModule
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase
 
-from lightning_vlm.losses.output import LossOutput
+from lightning_vlm.distributed import local_batch
+from lightning_vlm.eval.suite import Evaluator
+from lightning_vlm.losses.output import LossOutput, WeightedLoss
 from lightning_vlm.paradigms.weights import WeightsSource, load_weights
 
 
 class VLMParadigm(LightningModule):
-    """AdamW over trainable parameters (no weight decay on biases, norms, scalars), linear warmup then cosine.
+    """A `model` (plain nn.Module) and a `loss` (`WeightedLoss`): every family trains by the same step,
+    ``loss(model_output(batch))``, and evaluates every split by its loss and its `evaluators`.
 
-    Subclasses hold `model` (plain nn.Module) and `loss`; they declare `tokenizer` (their text consumer's) and
-    `image_mean` / `image_std` (their vision backbone's) so the DataModule prepares data the way they read it.
+    A subclass says how a batch reaches its model (`model_output`) and which evaluators score a split; it
+    declares what the DataModule reads (`DataConsumer`, data/datamodule.py): `tokenizer` (its text consumer's),
+    `caption_tokenizer` and `image_token` where it has them, `image_mean` / `image_std` (its vision backbone's).
+    AdamW over trainable parameters (no weight decay on biases, norms, scalars), linear warmup then cosine.
     ``lr_multipliers`` give named parts of ``model`` (a module or a parameter: "vision", "heads.logit_scale") their
     own parameter groups at LR × factor; the staged-freezing plan adds its phases' on top. ``init_from`` loads
     weights from checkpoints before training (`load_weights`).
     """
 
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
+    def __init__(self, model: nn.Module, loss: WeightedLoss, eval_max_samples: int | None = 1000,
+                 lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
                  init_from: list[WeightsSource] | None = None,
                  lr_multipliers: dict[str, float] | None = None) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["model", "loss"])
+        self.model, self.loss = model, loss
+        self.eval_max_samples = eval_max_samples
+        self._evaluators: dict[int, list[Evaluator]] = {}
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
         self.init_from = list(init_from or [])
         self.lr_multipliers: dict[str, float] = dict(lr_multipliers or {})
 
+    # ---- the one training and evaluation step ----------------------------------------------------------------------
+    def model_output(self, batch: dict[str, Any]) -> Any:
+        """The model's output on a batch, what the loss reads."""
+        raise NotImplementedError
+
+    def evaluators(self) -> list[Evaluator]:
+        """Fresh evaluators for one eval split (its loss is always logged)."""
+        return []
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.loss(self.model_output(batch))
+        self.log_losses("train", losses, batch_size=len(batch["meta"]))
+        return losses.total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        with local_batch():  # eval batches need not match across ranks; the evaluators gather what they score
+            losses = self.loss(self.model_output(batch))
+        self.log_losses(self.eval_split_name(dataloader_idx), losses, batch_size=len(batch["meta"]))
+        for evaluator in self._evaluators.setdefault(dataloader_idx, self.evaluators()):
+            if not evaluator.full:
+                evaluator.update(self.model, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        for index, evaluators in sorted(self._evaluators.items()):
+            for evaluator in evaluators:
+                self.log_dict(evaluator.compute(self.model, self.eval_split_name(index)), add_dataloader_idx=False)
+                evaluator.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # ---- what the data side reads ----------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return None
 
     @property
+    def caption_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The tokenizer of a second text consumer that reads the captions (BLIP-2's Q-Former), if any."""
+        return None
+
+    @property
+    def image_token(self) -> str | None:
+        """The placeholder the data side writes where each image stands, for a model that places images."""
+        return None
+
+    @property
     def image_mean(self) -> tuple[float, ...] | None:
         """The normalisation the model's vision backbone (``model.vision``) expects; None without one."""
-        vision = getattr(getattr(self, "model", None), "vision", None)
+        vision = getattr(self.model, "vision", None)
         return tuple(vision.data_config["mean"]) if vision is not None else None
 
     @property
     def image_std(self) -> tuple[float, ...] | None:
-        vision = getattr(getattr(self, "model", None), "vision", None)
+        vision = getattr(self.model, "vision", None)
         return tuple(vision.data_config["std"]) if vision is not None else None
 
     def setup(self, stage: str) -> None:

@@ -1,8 +1,8 @@
 """Image-to-text training and evaluation for any model that prompts a language model with an image.
 
-The model (a `VisualPromptLM`: LLaVA, BLIP-2's stage 2, ...) gives ``lm_loss`` and ``generate``; this paradigm
-trains on the next-token loss over the target text (captions and answers, as the DataModule's task mixture
-lays them out), evaluates generated captions (CIDEr-D, BLEU-4) and answers (VQA accuracy per skill), and
+The model (a `VisualPromptLM`: LLaVA, PaliGemma's prefix-LM, Flamingo, Fuyu, ...) predicts the text and
+``generate``s; this paradigm trains it on the next-token loss over the target text (captions and answers, as the
+DataModule's task mixture lays them out), evaluates generated captions (CIDEr-D, BLEU-4) and answers (VQA accuracy per skill), and
 answers about any image from Python (`generate`) or over a split (`predict`).
 """
 
@@ -19,25 +19,24 @@ from torch import Tensor
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.tasks import TextExample
-from lightning_vlm.tokens import IMAGE_TOKEN
 from lightning_vlm.data.transforms import ImageTransform
+from lightning_vlm.encoders.lm import NextTokenOutput
 from lightning_vlm.eval.generation import GenerationEvaluator
-from lightning_vlm.losses.output import LossOutput
+from lightning_vlm.eval.suite import Evaluator
+from lightning_vlm.losses import NextTokenLoss, WeightedLoss
 from lightning_vlm.models.visual_prompt import VisualPromptLM
 from lightning_vlm.paradigms.base import VLMParadigm
+from lightning_vlm.tokens import IMAGE_TOKEN
 
 
 class ImageToText(VLMParadigm):
-    """Trains a `VisualPromptLM` on its ``lm`` loss; greedy generation unless `generation` says otherwise."""
+    """Trains a `VisualPromptLM` on the next-token loss (`NextTokenLoss` unless the recipe names another); greedy
+    generation unless `generation` says otherwise."""
 
-    def __init__(self, model: VisualPromptLM, eval_max_samples: int | None = 1000,
+    def __init__(self, model: VisualPromptLM, loss: WeightedLoss | None = None, eval_max_samples: int | None = 1000,
                  generation: dict[str, Any] | None = None, **optim) -> None:
-        super().__init__(**optim)
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.eval_max_samples = eval_max_samples
+        super().__init__(model, loss if loss is not None else NextTokenLoss(), eval_max_samples, **optim)
         self.generation = {"max_new_tokens": 24, "num_beams": 1, "do_sample": False, **(generation or {})}
-        self.generation_evaluators: dict[int, GenerationEvaluator] = {}
 
     @property
     def tokenizer(self):
@@ -49,44 +48,16 @@ class ImageToText(VLMParadigm):
         """The placeholder the data side writes where each image stands, for a model that places images."""
         return IMAGE_TOKEN if self.model.language_model is not None and self.model.places_images else None
 
-    # ---- training -------------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        losses = self.losses(batch)
-        self.log_losses("train", losses, batch_size=len(batch["meta"]))
-        return losses.total
+    # ---- training and evaluation --------------------------------------------------------------------------------
+    def model_output(self, batch: dict[str, Any]) -> NextTokenOutput:
+        return self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                          batch.get("image_index"))
 
-    def losses(self, batch: dict) -> LossOutput:
-        lm = self.model.lm_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                batch.get("image_index"))
-        return LossOutput(lm, {"lm": lm})
-
-    # ---- evaluation -----------------------------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.log_losses(self.eval_split_name(dataloader_idx), self.losses(batch), batch_size=len(batch["meta"]))
-        self.update_generation(batch, dataloader_idx)
-
-    def update_generation(self, batch: dict, dataloader_idx: int) -> None:
-        """Generate for the batch's own prompts until the split's evaluator holds `eval_max_samples`."""
-        evaluator = self.generation_evaluators.setdefault(dataloader_idx, GenerationEvaluator(self.eval_max_samples))
-        if self.model.language_model is not None and not evaluator.full:
-            evaluator.update(batch["meta"], self._answers(batch))
-
-    def on_validation_epoch_end(self) -> None:
-        for idx in sorted(self.generation_evaluators):
-            self.log_dict(self.eval_metrics(idx, self.eval_split_name(idx)), add_dataloader_idx=False)
-
-    def eval_metrics(self, dataloader_idx: int, split: str) -> dict[str, float]:
-        """The split's metrics at the end of an evaluation epoch (evaluators are reset for the next one)."""
-        evaluator = self.generation_evaluators[dataloader_idx]
-        metrics = evaluator.compute(split) if evaluator.records else {}
-        evaluator.reset()
-        return metrics
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.validation_step(batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+    def evaluators(self) -> list[Evaluator]:
+        """Generated captions and answers, scored (none without a language model: a stage-1 BLIP-2)."""
+        if self.model.language_model is None:
+            return []
+        return [GenerationEvaluator(self._answers, self.eval_max_samples)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Generated text for every sample, from its own prompt (a caption prompt or a question)."""

@@ -5,11 +5,13 @@ retrieval / zero-shot / binding evaluation of the contrastive family runs on eve
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from lightning_vlm.losses.output import LossOutput
 from lightning_vlm.models.contrastive import HardNegatives
+from lightning_vlm.models.masked import MaskedModelingOutput
 from lightning_vlm.paradigms.contrastive import Contrastive
 
 
@@ -18,10 +20,9 @@ class MaskedPretraining(Contrastive):
     FLAVA, image-only or text-only batches (sources with ``modality: image | text``), and shows what its masked
     image modelling recovers: `SampleImageLogger` draws `reconstructions` beside the originals."""
 
-    def _losses(self, batch: dict) -> LossOutput:
-        negatives = HardNegatives.from_batch(batch)
-        return self.loss(self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], negatives,
-                                    modality=batch.get("modality", "pair")))
+    def model_output(self, batch: dict[str, Any]) -> MaskedModelingOutput:
+        return self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                          HardNegatives.from_batch(batch), modality=batch.get("modality", "pair"))
 
     @torch.no_grad()
     def reconstructions(self, batch: dict) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Generate the synthetic benchmark: webdataset shards per split, a tokenizer and a manifest (see CONTRACTS.md).
+"""Generate the synthetic benchmark: webdataset shards per split, a tokenizer and a manifest (data/sources.py).
 
 Each sample is seeded from (seed, split, index) and tar members carry a fixed mtime, so a seed always gives the
 same bytes whatever the number of workers.

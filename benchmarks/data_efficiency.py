@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from lightning_vlm.cli import run_cli
+from lightning_vlm.cli import read_recipe, run_cli
 
 RECIPES = {"maskvlm": "recipes/maskvlm.yaml", "flava": "recipes/flava.yaml", "clip": "recipes/flava.yaml"}
 METRICS = ("val/i2t_r5", "val/t2i_r5", "val/zeroshot_color", "val/zeroshot_shape")
@@ -41,7 +41,7 @@ def clip_twin(recipe: dict) -> dict:
 
 def run(name: str, fraction: float, steps: int, out: Path) -> dict[str, float]:
     """One fit of `name` on `fraction` of the training shards; the val metrics at its end."""
-    recipe = yaml.safe_load(Path(RECIPES[name]).read_text())
+    recipe = read_recipe(RECIPES[name])
     if name == "clip":
         recipe = clip_twin(recipe)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:

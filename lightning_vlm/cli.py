@@ -8,8 +8,11 @@ tools.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from lightning import LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -48,6 +51,23 @@ class VLMCLI(LightningCLI):
         if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is not False:
             self.trainer_defaults.setdefault("callbacks", []).append(RichProgressBar())
         return super().instantiate_trainer(**kwargs)
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe as one mapping, every fragment it names (a value ``parts/NAME.yaml``, relative to the recipe, as
+    LightningCLI reads it) inlined: for scripts that change a recipe and write it elsewhere."""
+    path = Path(path)
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        if isinstance(node, str) and node.endswith(".yaml") and (path.parent / node).is_file():
+            return inline(yaml.safe_load((path.parent / node).read_text()))
+        return node
+
+    return inline(yaml.safe_load(path.read_text()))
 
 
 def load_model(config: str, checkpoint: str | None = None, *overrides: str) -> LightningModule:

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,7 +47,9 @@ def point_at(tree: dict | list, root: str, old: str = "data/synthetic") -> None:
 
 def tokenizer_overrides(root: str, recipe: Path) -> list[str]:
     """Every tokenizer the recipe reads from the default data, read from `root` instead."""
-    keys = [key for key, value in _leaves(yaml.safe_load(recipe.read_text()))
+    from lightning_vlm.cli import read_recipe
+
+    keys = [key for key, value in _leaves(read_recipe(recipe))
             if key.endswith(".tokenizer") and value == "data/synthetic"]
     return [arg for key in keys for arg in (f"--{key}", root)]
 

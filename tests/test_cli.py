@@ -10,6 +10,7 @@ from lightning_vlm.cli import main, run_cli
 from lightning_vlm.data import datamodule
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+NEEDS_WEIGHTS = {"blip2_smollm2", "llava_smollm2"}  # the packaged checkpoints, prepared by a slow fixture
 
 
 def tiny_overrides(root: str, recipe: Path) -> list[str]:
@@ -29,8 +30,11 @@ def test_recipe_prints_its_config(recipe, capsys):
     assert "class_path: lightning_vlm." in printed and "trainer:" in printed
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_recipe_fast_dev_run(recipe, tiny_benchmark, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow if r.stem in NEEDS_WEIGHTS else ())
+                                    for r in RECIPES], ids=[r.stem for r in RECIPES])
+def test_recipe_fast_dev_run(recipe, tiny_benchmark, tmp_path, monkeypatch, request):
+    if recipe.stem in NEEDS_WEIGHTS:
+        request.getfixturevalue("real_checkpoints")
     monkeypatch.chdir(tmp_path)
     cli = run_cli(["fit", "--config", str(recipe), *tiny_overrides(tiny_benchmark, recipe)])
     assert cli.trainer.global_step == 2

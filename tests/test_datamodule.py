@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import tarfile
 import warnings
 from pathlib import Path

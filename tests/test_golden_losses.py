@@ -16,12 +16,12 @@ import yaml
 from lightning import Callback
 
 from conftest import point_at
-from lightning_vlm.cli import run_cli
+from test_cli import NEEDS_WEIGHTS
+from lightning_vlm.cli import read_recipe, run_cli
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 GOLDEN = Path(__file__).parent / "golden_losses.json"
 STEPS = 5
-NEEDS_WEIGHTS = {"blip2_smollm2", "llava_smollm2"}  # packaged checkpoints: prepared by a slow fixture
 
 
 class LossRecorder(Callback):
@@ -36,7 +36,7 @@ class LossRecorder(Callback):
 
 def golden_config(recipe: Path, root: str) -> dict:
     """The recipe on the tiny benchmark from scratch: STEPS float32 steps of batch 8, no validation, phases 2 apart."""
-    config = yaml.safe_load(recipe.read_text())
+    config = read_recipe(recipe)
     point_at(config, root)
     config["trainer"].update(max_steps=STEPS, limit_val_batches=0, num_sanity_val_steps=0, precision="32-true",
                              enable_progress_bar=False, logger=False)

@@ -134,6 +134,7 @@ def test_fewshot_shows_demonstration_images_from_the_batch_and_labels_the_last_a
         assert batch["meta"][row]["history"] == [(f"question {k}?", f"answer {k}") for k in shown]
 
 
+@pytest.mark.slow  # the packaged SmolLM2 tokenizer, prepared by the slow fixture
 def test_a_chat_template_puts_the_placeholder_in_the_first_user_turn(real_checkpoints):
     lm = LanguageModel(tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct", config=TINY_LM)
     text = TextExample("chat", "and its shape?", "circle", history=[("what colour is it?", "red")])

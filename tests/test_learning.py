@@ -16,7 +16,7 @@ import webdataset as wds
 import yaml
 
 from conftest import point_at
-from lightning_vlm.cli import run_cli
+from lightning_vlm.cli import read_recipe, run_cli
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 SIZES = {"train": 4096, "val": 200}
@@ -42,7 +42,7 @@ def workdir(tmp_path_factory) -> Path:
 def shortened(recipe: str, root: Path, steps: int, batch_size: int, stage_two: int | None = None, **model) -> dict:
     """The recipe's YAML for the small benchmark: `steps` steps of `batch_size`, one validation at the end on val
     alone, a staged plan's later phase starting at `stage_two`, and `model` init_args overridden."""
-    config = yaml.safe_load((RECIPES / recipe).read_text())
+    config = read_recipe(RECIPES / recipe)
     config["trainer"].update(max_steps=steps, val_check_interval=steps, enable_progress_bar=False)
     for callback in config["trainer"].get("callbacks", []):
         if callback["class_path"].endswith("StagedFreezing"):

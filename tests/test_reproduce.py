@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+
+from lightning_vlm.cli import read_recipe
 
 ROOT = Path(__file__).parents[1]
 
@@ -22,7 +23,7 @@ def reproduce():
 
 
 def recipe(entry: dict) -> dict:
-    return yaml.safe_load((ROOT / entry["command"].split("--config ")[1].split()[0]).read_text())
+    return read_recipe(ROOT / entry["command"].split("--config ")[1].split()[0])
 
 
 def checkpoint_paths(config: dict) -> set[str]:

@@ -30,6 +30,7 @@ from lightning import Callback, LightningModule, Trainer
 
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.losses import next_token_loss
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ def perplexity(lm: LanguageModel, paragraphs: list[str]) -> float:
         if tok.bos_token_id is not None:
             ids = [tok.bos_token_id] + ids
         ids_t = torch.tensor([ids], device=device)
-        out = lm(lm.embed(ids_t), torch.ones_like(ids_t), labels=ids_t)
-        total_nll += out.loss.item() * (len(ids) - 1)
+        total_nll += next_token_loss(lm(lm.embed(ids_t), torch.ones_like(ids_t), ids_t)).item() * (len(ids) - 1)
         total_tokens += len(ids) - 1
     return math.exp(total_nll / total_tokens)
 

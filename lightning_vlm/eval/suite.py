@@ -150,7 +150,7 @@ class ContrastiveEvaluator:
     def _zero_shot(self, model: Any, images: Repr, attribute: str) -> dict[str, float]:
         """Zero-shot accuracy on the images whose objects all share one value of ``attribute``, and their number;
         then the same on those of them that hold several objects (``_multi``), where a one-object prompt describes
-        only part of the scene (where Llip falls short: README, Results)."""
+        only part of the scene (docs/results/contrastive.md, "Where Llip falls short")."""
         labels = [shared_value(meta.get("objects", []), attribute) for meta in self.metas]
         rows = [i for i, label in enumerate(labels) if label is not None]
         if not rows:

@@ -212,7 +212,7 @@ class Llip(nn.Module):
     CoCa, its output scale starting at zero): training starts from SigLIP on the pooled vector, and the tokens
     part from it only as far as the captions reward. `attention_temperature` is the mixing softmax's temperature.
     `mixture_query_std` is the scale of the pooler's queries at initialisation: at 0.02 its K reads start alike, so
-    the mixing attention has nothing to tell apart and (README: "Llip's mixture attention mostly never wakes") it
+    the mixing attention has nothing to tell apart and (docs/results/contrastive.md) it
     mostly stays uniform; at 1 the reads start distinct and the attention learns to condition within a few hundred
     steps. `uniform_anchor` also contrasts each image's uniform mix, which no caption conditions, with the same
     columns (LlipLoss's "anchor" term; not in the paper: a regulariser that keeps the tokens' mean a whole SigLIP
@@ -268,7 +268,7 @@ class Llip(nn.Module):
     def mixture_entropy(self, mixture: Tensor, captions: Tensor) -> Tensor | None:
         """Mean entropy of each image's mixing weights under its own caption, over ln K: 1 when the weights are
         uniform (the caption no longer conditions the image: SigLIP on the tokens' mean), 0 when each head reads
-        one token. Query and key maps that never learned (README: "Llip's mixture attention mostly never wakes")
+        one token. Query and key maps that never learned (docs/results/contrastive.md)
         show here as 1.0."""
         num_tokens = mixture.shape[1]
         if num_tokens == 1:

@@ -6,7 +6,7 @@ are (the share of exact zeros a ReLU leaves), how many channels carry the varian
 ratio of the channel covariance's eigenvalues), and how alike two images' tokens are (mean cosine between images),
 raw and after a LayerNorm over channels (what `BLIP2(vision_norm=True)` hands its Q-Former, before its affine).
 
-    python benchmarks/feature_stats.py --config recipes/clip.yaml --checkpoint checkpoints/clip/last.ckpt [OTHER.ckpt ...]
+    python benchmarks/feature_stats.py --config recipes/clip.yaml --checkpoint CKPT [OTHER.ckpt ...]
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from feature_probe import encode, encoder_and_data  # this folder's probe: the same encoder, data and encoding
+from torch import Tensor
 
 
 def statistics(tokens: Tensor) -> dict[str, float]:

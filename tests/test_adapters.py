@@ -11,6 +11,7 @@ from lightning_vlm.adapters import MLP, AveragePool, Identity, Linear, Perceiver
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA
+
 from conftest import text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
@@ -88,7 +89,8 @@ def test_a_language_model_with_location_tokens_serves_the_grounding_task(tiny_be
     from lightning_vlm.paradigms.generative import ImageToText
 
     lm = LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM, location_bins=32)
-    assert "<loc_31>" in lm.tokenizer.get_vocab() and lm.model.get_input_embeddings().num_embeddings >= len(lm.tokenizer)
+    assert "<loc_31>" in lm.tokenizer.get_vocab()
+    assert lm.model.get_input_embeddings().num_embeddings >= len(lm.tokenizer)
     paradigm = ImageToText(LLaVA(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT), lm))
     dm = ShardDataModule(root=tiny_benchmark, tasks={"grounding": 1}, batch_size=4)
     dm.trainer = type("T", (), {"lightning_module": paradigm, "global_rank": 0, "world_size": 1, "current_epoch": 0})()

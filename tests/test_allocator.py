@@ -22,7 +22,8 @@ def jemalloc_installed(monkeypatch):
 
 def test_preloads_the_found_library_before_any_other(jemalloc_installed):
     assert allocator.preload_environment({"PATH": "/bin"}) == {"PATH": "/bin", "LD_PRELOAD": "libjemalloc.so.2"}
-    assert allocator.preload_environment({"LD_PRELOAD": "/opt/libx.so"})["LD_PRELOAD"] == "libjemalloc.so.2:/opt/libx.so"
+    preloaded = allocator.preload_environment({"LD_PRELOAD": "/opt/libx.so"})["LD_PRELOAD"]
+    assert preloaded == "libjemalloc.so.2:/opt/libx.so"
 
 
 @pytest.mark.parametrize("environ", [{"LIGHTNING_VLM_ALLOCATOR": "system"},  # switched off

@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import paradigm_losses, text_loss
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_vlm.adapters import MLP, QFormer
@@ -21,6 +20,8 @@ from lightning_vlm.losses import BLIP2Loss
 from lightning_vlm.models.blip2 import BLIP2
 from lightning_vlm.paradigms.blip2 import BLIP2Paradigm
 from lightning_vlm.paradigms.weights import WeightsSource, load_weights
+
+from conftest import paradigm_losses, text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
@@ -37,7 +38,8 @@ def build(tokenizer: str, instruction_aware: bool = False, loss_weights: dict | 
                   lambda width: QFormer(width, config=TINY_BERT, tokenizer=tokenizer, num_queries=4),
                   LanguageModel(tokenizer=tokenizer, config=TINY_LM), embed_dim=16, projection=MLP(),
                   instruction_aware=instruction_aware)
-    return BLIP2Paradigm(model, BLIP2Loss(loss_weights), **{"lr": 1e-3, "warmup_steps": 1, "eval_max_samples": 16, "rerank_k": 4, **kwargs})
+    options = {"lr": 1e-3, "warmup_steps": 1, "eval_max_samples": 16, "rerank_k": 4, **kwargs}
+    return BLIP2Paradigm(model, BLIP2Loss(loss_weights), **options)
 
 
 def batch_of(paradigm: BLIP2Paradigm, root: str, tasks: dict, size: int = 8) -> dict:
@@ -286,9 +288,9 @@ def test_keep_itc_override_keeps_the_contrastive_term_in_stage_two(tiny_benchmar
     checkpoint folder; stage 1 and the stage boundary stay the recipe's."""
     from pathlib import Path
 
-    from conftest import tokenizer_overrides
-
     from lightning_vlm.cli import VLMCLI
+
+    from conftest import tokenizer_overrides
 
     recipes = Path(__file__).parents[1] / "recipes"
     data = ["--data.init_args.root", tiny_benchmark, *tokenizer_overrides(tiny_benchmark, recipes / "blip2.yaml")]

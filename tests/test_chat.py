@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 
 from lightning_vlm.data.chat import chat_ids, render
-
-from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.tasks import TextExample
-from lightning_vlm.tokens import load_tokenizer
+from lightning_vlm.tokens import IGNORE_INDEX, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

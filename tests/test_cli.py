@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import tokenizer_overrides
+
 from lightning_vlm.cli import main, run_cli
 from lightning_vlm.data import datamodule
+
+from conftest import tokenizer_overrides
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 NEEDS_WEIGHTS = {"blip2_smollm2", "llava_smollm2"}  # the packaged checkpoints, prepared by a slow fixture
@@ -18,7 +20,8 @@ def tiny_overrides(root: str, recipe: Path) -> list[str]:
     scratch rather than from a previous recipe's checkpoint, and make it a two-batch smoke run."""
     return ["--data.init_args.root", root, *tokenizer_overrides(root, recipe), "--model.init_args.init_from", "[]",
             "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
-            "--data.init_args.num_workers", "0", "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
+            "--data.init_args.num_workers", "0", "--trainer.fast_dev_run", "2",
+            "--trainer.enable_progress_bar", "false"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -72,7 +75,8 @@ def test_data_subcommands_dispatch(tiny_benchmark, capsys):
 def test_missing_default_data_is_generated_first_and_said(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     made = []
-    monkeypatch.setattr(datamodule, "generate_benchmark", lambda root: made.append(Path(root)) or root.mkdir(parents=True))
+    monkeypatch.setattr(datamodule, "generate_benchmark",
+                        lambda root: made.append(Path(root)) or root.mkdir(parents=True))
     datamodule.ensure_default_benchmark("data/synthetic")
     assert made == [Path("data/synthetic.partial")] and Path("data/synthetic").is_dir()  # complete, then renamed
     assert "generating the synthetic benchmark" in capsys.readouterr().out
@@ -97,8 +101,8 @@ def test_other_ranks_wait_for_rank_zero_to_generate(tmp_path, monkeypatch):
 
 
 def test_load_model_builds_the_recipe_and_loads_a_checkpoint(tiny_benchmark, tmp_path):
-    from PIL import Image
     import torch
+    from PIL import Image
 
     from lightning_vlm.cli import load_model
 

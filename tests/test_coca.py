@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from conftest import paradigm_losses, text_loss
 
 from lightning_vlm.adapters import AttentionPooler
 from lightning_vlm.data.datamodule import ShardDataModule
@@ -13,6 +12,8 @@ from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.coca import CoCa
 from lightning_vlm.paradigms.coca import CoCaParadigm
+
+from conftest import paradigm_losses, text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,

@@ -12,8 +12,8 @@ from lightning_vlm.losses import (
     LossOutput,
     SigLIPLoss,
     clip_loss,
-    sigmoid_pair_loss,
     siglip_loss,
+    sigmoid_pair_loss,
 )
 from lightning_vlm.models import ContrastiveOutput, LlipOutput
 from lightning_vlm.models.similarity import caption_keys, scale_logits

@@ -26,7 +26,8 @@ def build(kind: str, tokenizer: str) -> Contrastive:
     if kind == "clip":
         model, loss = DualEncoder(vision, text, embed_dim=32), CLIPLoss()
     elif kind == "siglip":
-        model, loss = DualEncoder(vision, text, embed_dim=32, logit_scale_init=math.log(10), logit_bias_init=-10), SigLIPLoss()
+        model = DualEncoder(vision, text, embed_dim=32, logit_scale_init=math.log(10), logit_bias_init=-10)
+        loss = SigLIPLoss()
     else:
         model, loss = Llip(vision, text, embed_dim=32), LlipLoss()
     return Contrastive(model, loss, lr=1e-3, warmup_steps=1, eval_max_samples=64)
@@ -64,7 +65,8 @@ def test_overfits_one_batch(kind, tiny_benchmark):
 
 def test_fit_logs_losses_and_the_eval_suite_per_split(tiny_benchmark, tmp_path):
     paradigm = build("clip", tiny_benchmark)
-    dm = ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1}, batch_size=16, val_splits=["val", "compositional"])
+    dm = ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1}, batch_size=16,
+                         val_splits=["val", "compositional"])
     trainer = L.Trainer(max_steps=4, val_check_interval=4, limit_val_batches=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(paradigm, dm)

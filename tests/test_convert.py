@@ -12,8 +12,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
 from lightning_vlm.data.tools.cli import main
+from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
 from lightning_vlm.data.tools.inspect import inspect_shards
 
 # file name -> (size, format); two captions for the jpg, one each for the others

@@ -13,15 +13,14 @@ import torch
 from PIL import Image
 
 from lightning_vlm.data.collate import Collator, Example
-
-from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.data.datamodule import ShardDataModule
-from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.sources import ShardSource
-from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
+from lightning_vlm.data.synthetic.language import object_caption
+from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.transforms import hflip_sample, swap_left_right
+from lightning_vlm.tokens import IGNORE_INDEX
 
 
 def keys_of(loader) -> list[str]:
@@ -95,7 +94,8 @@ def test_a_mixed_batch_collates_each_text_as_encoding_it_alone_does(tiny_benchma
         n = len(ids)
         assert batch["input_ids"][row, :n].tolist() == ids and batch["labels"][row, :n].tolist() == labels
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
-        assert (batch["input_ids"][row, n:] == collate.pad_id).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, n:] == collate.pad_id).all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
 
 
 def test_vqa_targets_are_answers_of_the_sample(tiny_benchmark):
@@ -242,7 +242,8 @@ def test_eval_order_is_the_same_at_every_validation(tiny_benchmark):
 
 
 def test_weighted_sources_mix_by_weight(tiny_benchmark):
-    sources = [ShardSource(tiny_benchmark, weight=3.0, split="train"), ShardSource(tiny_benchmark, weight=1.0, split="val")]
+    sources = [ShardSource(tiny_benchmark, weight=3.0, split="train"),
+               ShardSource(tiny_benchmark, weight=1.0, split="val")]
     dm = ShardDataModule(root=tiny_benchmark)
     loader = make_loader(stream(dm, sources, StreamConfig(batch_size=16, samples_per_epoch=160)), 0)
     keys = keys_of(loader)
@@ -300,7 +301,7 @@ def test_flip_is_applied_in_the_stream_and_never_to_written_words(tiny_benchmark
 def test_grounding_targets_are_location_tokens_of_the_named_object(tiny_benchmark):
     dm = ShardDataModule(root=tiny_benchmark, tasks={"grounding": 1.0}, batch_size=16, loc_bins=32)
     batch = next(iter(dm.train_dataloader()))
-    for ids, labels, meta in zip(batch["input_ids"], batch["labels"], batch["meta"]):
+    for labels, meta in zip(batch["labels"], batch["meta"]):
         tokens = dm.tokenizer.convert_ids_to_tokens(labels[labels != IGNORE_INDEX].tolist())
         expected = [f"<loc_{min(31, int(c / 64 * 32)):02d}>" for c in meta["box"]]
         assert tokens == expected + [dm.tokenizer.eos_token]

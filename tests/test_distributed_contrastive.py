@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_vlm.distributed import gather_objects
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
 from lightning_vlm.losses import CLIPLoss, LlipLoss, LossOutput, SigLIPLoss
-from lightning_vlm.distributed import gather_objects
 from lightning_vlm.models import ContrastiveOutput, Llip
 from lightning_vlm.models.contrastive import HardNegatives
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from lightning_vlm.data.synthetic.tokenizer import train_tokenizer
 from lightning_vlm.encoders import ConvStem, TextEncoder, VisionEncoder
 from lightning_vlm.losses import LlipLoss
-from lightning_vlm.models.similarity import scale_logits
 from lightning_vlm.losses.contrastive import sigmoid_pair_loss
 from lightning_vlm.models import DualEncoder, Llip
 from lightning_vlm.models.contrastive import HardNegatives
+from lightning_vlm.models.similarity import scale_logits
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 CNN = {"norm_layer": "groupnorm1", "channels": [8, 16, 32, 64], "stem_width": 8, "layers": [1, 1, 1, 1]}
@@ -155,7 +155,8 @@ def test_text_encoder_config_overrides_and_errors() -> None:
 
 def _towers(extra: int = 0) -> tuple[VisionEncoder, TextEncoder]:
     torch.manual_seed(0)
-    return VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=extra, overrides=TINY_VIT), TextEncoder(vocab_size=VOCAB)
+    vision = VisionEncoder("vit_tiny_patch16_224", num_extra_tokens=extra, overrides=TINY_VIT)
+    return vision, TextEncoder(vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize("valid", [[False, True, False, True], [False, False, False, False]], ids=["some", "none"])

@@ -15,9 +15,10 @@ import torch
 import yaml
 from lightning import Callback
 
+from lightning_vlm.cli import read_recipe, run_cli
+
 from conftest import point_at
 from test_cli import NEEDS_WEIGHTS
-from lightning_vlm.cli import read_recipe, run_cli
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 GOLDEN = Path(__file__).parent / "golden_losses.json"

@@ -13,11 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_vlm.callbacks import SampleImageLogger
 from lightning_vlm.data.collate import Collator, Example, first_rows
-from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.tasks import TaskFormatter, TextExample
-from lightning_vlm.tokens import IMAGE_TOKEN
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.flamingo import Flamingo
@@ -25,6 +23,8 @@ from lightning_vlm.models.llava import LLaVA
 from lightning_vlm.models.prefix_lm import PrefixLM
 from lightning_vlm.models.visual_prompt import place_images
 from lightning_vlm.paradigms.generative import ImageToText
+from lightning_vlm.tokens import IGNORE_INDEX, IMAGE_TOKEN
+
 from conftest import text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}

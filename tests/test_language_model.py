@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import text_loss
-from lightning_vlm.losses import NextTokenLoss, shift_labels
 from torch import nn
 
 from lightning_vlm.encoders.lm import LanguageModel
+from lightning_vlm.losses import NextTokenLoss, shift_labels
 from lightning_vlm.paradigms.base import VLMParadigm
+
+from conftest import text_loss
 
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
            "num_key_value_heads": 1}

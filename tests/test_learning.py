@@ -15,8 +15,9 @@ import pytest
 import webdataset as wds
 import yaml
 
-from conftest import point_at
 from lightning_vlm.cli import read_recipe, run_cli
+
+from conftest import point_at
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 SIZES = {"train": 4096, "val": 200}

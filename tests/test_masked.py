@@ -14,12 +14,12 @@ from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.sources import ShardSource
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
+from lightning_vlm.encoders.patches import patchify, unpatchify
 from lightning_vlm.losses.masked import MaskedModelingLoss, masked_prediction_loss
 from lightning_vlm.models.flava import FLAVA
 from lightning_vlm.models.masked import MaskingConfig, PatchColourTokenizer
-from lightning_vlm.models.maskvlm import MaskVLM
-from lightning_vlm.encoders.patches import patchify, unpatchify
 from lightning_vlm.models.masking import mask_tokens, pixel_targets, random_patch_mask
+from lightning_vlm.models.maskvlm import MaskVLM
 from lightning_vlm.paradigms.masked import MaskedPretraining
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 64, "num_heads": 2}

@@ -12,6 +12,7 @@ from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA
 from lightning_vlm.models.prefix_lm import PrefixLM, position_ids, prefix_attention_mask
+
 from conftest import text_loss
 
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}

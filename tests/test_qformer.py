@@ -10,8 +10,8 @@ import transformers
 from lightning_vlm.adapters.qformer import QFormer, attention_mask
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.losses import BLIP2Loss, next_token_loss
-from lightning_vlm.models.similarity import mine_hard_negatives, query_text_similarity
 from lightning_vlm.models.blip2 import BLIP2, TextBatch
+from lightning_vlm.models.similarity import mine_hard_negatives, query_text_similarity
 
 Q = 3
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,

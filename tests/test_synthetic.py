@@ -12,10 +12,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from lightning_vlm.data.synthetic import generate_benchmark
 from lightning_vlm.data.synthetic.language import OPPOSITE, caption, clauses, hard_negatives, holds, questions
 from lightning_vlm.data.synthetic.render import render
 from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, Scene, SceneObject, sample_scene
-from lightning_vlm.data.synthetic import generate_benchmark
 from lightning_vlm.tokens import load_tokenizer
 
 SIZES = {"train": 40, "val": 40, "test": 40, "compositional": 40}

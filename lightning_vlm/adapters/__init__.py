@@ -12,5 +12,5 @@ from lightning_vlm.adapters.projection import MLP, Identity, Linear
 from lightning_vlm.adapters.qformer import QFormer, QFormerOutput, attention_mask
 from lightning_vlm.adapters.spatial import AveragePool, PixelShuffle
 
-__all__ = ["MLP", "Adapter", "AttentionPooler", "AveragePool", "Identity", "Linear", "PerceiverResampler", "PixelShuffle", "QFormer",
-           "QFormerOutput", "attention_mask"]
+__all__ = ["MLP", "Adapter", "AttentionPooler", "AveragePool", "Identity", "Linear", "PerceiverResampler",
+           "PixelShuffle", "QFormer", "QFormerOutput", "attention_mask"]

@@ -2,10 +2,11 @@
 
 Each phase starts at a global step or an epoch and names parts of the model (dotted paths under the
 paradigm's ``model``) to freeze, unfreeze or train through LoRA adapters, per-part learning-rate multipliers
-and the weights of the paradigm's loss terms (``loss.weights``, any family). Every phase's parts and term names are
-checked when fitting starts, so a typo fails before the first step, naming what the model and the loss have. Frozen parts are in eval mode and out of the optimizer; entering a phase
-rebuilds the optimizer (Adam moments of parameters still trained are carried over) with one parameter group
-per named part. The LR schedule is a function of the global step, so it runs on across phases.
+and the weights of the paradigm's loss terms (``loss.weights``, any family). Every phase's parts and term names
+are checked when fitting starts, so a typo fails before the first step, naming what the model and the loss have.
+Frozen parts are in eval mode and out of the optimizer; entering a phase rebuilds the optimizer (Adam moments of
+parameters still trained are carried over) with one parameter group per named part. The LR schedule is a function
+of the global step, so it runs on across phases.
 
 LoRA adapters named anywhere in the plan are injected when fitting starts, inert (B = 0) and frozen until
 their phase: the function is unchanged until then, exactly as if they were added at that step, and a

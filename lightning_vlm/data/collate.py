@@ -28,9 +28,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lightning_vlm.data.chat import chat_ids, generation_prompt_ids, has_chat_template
-
-from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.data.tasks import TextExample
+from lightning_vlm.tokens import IGNORE_INDEX
 
 
 @dataclass

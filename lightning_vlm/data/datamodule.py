@@ -1,7 +1,7 @@
 """ShardDataModule: streams webdataset shards into the batch dict every paradigm consumes.
 
 Batch fields: ``pixel_values`` (B, 3, H, W) normalised; ``input_ids``, ``attention_mask``, ``labels`` (B, L)
-with labels IGNORE_INDEX (-100) wherever no loss applies; ``meta`` (list of per-sample dicts: key, task, caption, prompt,
+with labels IGNORE_INDEX wherever no loss applies; ``meta`` (list of per-sample dicts: key, task, caption, prompt,
 target, objects, qa, hard_negatives, flipped); with ``hard_negatives: k`` training batches of contrastive
 examples add ``negative_input_ids`` / ``negative_attention_mask`` / ``negative_valid`` (see `Collator`); a model
 with a second text consumer that reads captions (BLIP-2's Q-Former) declares ``caption_tokenizer`` and
@@ -163,7 +163,8 @@ class ShardDataModule(LightningDataModule):
 
     def eval_loader(self, split: str) -> DataLoader:
         """One deterministic pass over a split of ``root`` (no shuffle, no flip, every sample once)."""
-        config = StreamConfig(batch_size=self.hparams.eval_batch_size or self.hparams.batch_size, seed=self.hparams.seed)
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        config = StreamConfig(batch_size=batch_size, seed=self.hparams.seed)
         tasks = self.hparams.eval_tasks or self.hparams.tasks
         return self._loader([ShardSource(self.hparams.root, split=split)], tasks, config, train=False)
 

@@ -19,7 +19,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lightning_vlm.data.collate import Collator, Example
-from lightning_vlm.data.reading import BadDataCounter, Consumer, RawSample, consumer_samples, decode, repeated, resampled
+from lightning_vlm.data.reading import (
+    BadDataCounter,
+    Consumer,
+    RawSample,
+    consumer_samples,
+    decode,
+    repeated,
+    resampled,
+)
 from lightning_vlm.data.sources import ShardSource
 from lightning_vlm.data.tasks import TaskFormatter
 from lightning_vlm.data.transforms import ImageTransform

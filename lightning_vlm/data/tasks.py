@@ -12,8 +12,8 @@ et al., 2023): the same scene with one colour, shape, size or relation swapped, 
 ``object_captions: p`` a scene of several objects is captioned, with probability p, by one of its objects alone
 (the sub-captions of DreamLIP, Zheng et al., 2024, and DCI's region captions): a true description of part of the
 image, which Llip's caption-conditioned embedding is built to match and which would otherwise only ever be
-another image's caption, that is, a negative. Measured on Llip at p = 0.5 it hurt (docs/results/contrastive.md): one object's caption is
-also true of other images of the batch, which score it as their negative.
+another image's caption, that is, a negative. Measured on Llip at p = 0.5 it hurt (docs/results/contrastive.md):
+one object's caption is also true of other images of the batch, which score it as their negative.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.data.reading import RawSample
+from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.tokens import location_tokens
 
 TASKS = ("contrastive", "caption", "vqa", "grounding", "chat", "fewshot")

@@ -13,13 +13,11 @@ from typing import Any
 import peft
 import torch
 import transformers
+from tokenizers import AddedToken
 from torch import Tensor, nn
 
-from tokenizers import AddedToken
-
-from lightning_vlm.tokens import IMAGE_TOKEN, location_tokens
-from lightning_vlm.tokens import load_tokenizer
 from lightning_vlm.pretrained import load_pretrained
+from lightning_vlm.tokens import IMAGE_TOKEN, load_tokenizer, location_tokens
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import transformers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_vlm.tokens import load_tokenizer
 from lightning_vlm.pretrained import load_pretrained
+from lightning_vlm.tokens import load_tokenizer
 
 TINY_BERT: dict[str, Any] = {
     "model_type": "bert",

@@ -89,7 +89,8 @@ class VisionEncoder(nn.Module):
                        if not hasattr(self.model, a)]
             if missing:
                 raise ValueError(f"extra and mask tokens need a ViT-style timm model; {name!r} lacks {missing}")
-        self.extra_tokens = nn.Parameter(torch.randn(1, num_extra_tokens, self.width) * 0.02) if num_extra_tokens else None
+        self.extra_tokens = (nn.Parameter(torch.randn(1, num_extra_tokens, self.width) * 0.02) if num_extra_tokens
+                             else None)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width)) if mask_token else None
 
     @property

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lightning_vlm.distributed import gather_objects
 from lightning_vlm.eval.captioning import CIDErD, answer_accuracy, bleu4
 from lightning_vlm.eval.grounding import grounding_accuracy
-from lightning_vlm.distributed import gather_objects
 
 
 class GenerationEvaluator:
@@ -43,7 +43,8 @@ class GenerationEvaluator:
 
     def compute(self, model: Any, split: str) -> dict[str, float]:
         """``{split}/cider_d``, ``{split}/bleu4`` over captions; ``{split}/vqa_{skill}`` and ``vqa_all`` over
-        questions (``chat_*`` over chats' last replies, ``fewshot_*`` over few-shot answers); ``{split}/grounding_iou50`` over boxes; parts without samples are left out."""
+        questions (``chat_*`` over chats' last replies, ``fewshot_*`` over few-shot answers);
+        ``{split}/grounding_iou50`` over boxes; parts without samples are left out."""
         self._gather_ranks()
         metrics: dict[str, float] = {}
         if not self.records:
@@ -62,7 +63,8 @@ class GenerationEvaluator:
                 metrics.update({f"{task}_{skill}": value for skill, value in accuracy.items()})
         boxes = [r for r in self.records if r["task"] == "grounding"]
         if boxes:
-            metrics["grounding_iou50"] = grounding_accuracy([r["generated"] for r in boxes], [r["target"] for r in boxes])
+            generated, targets = [r["generated"] for r in boxes], [r["target"] for r in boxes]
+            metrics["grounding_iou50"] = grounding_accuracy(generated, targets)
         return {f"{split}/{name}": value for name, value in metrics.items()}
 
     def _gather_ranks(self) -> None:

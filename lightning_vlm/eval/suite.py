@@ -9,9 +9,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from lightning_vlm.distributed import gather_objects
 from lightning_vlm.eval.binding import binding_accuracy
 from lightning_vlm.eval.retrieval import retrieval_recall
-from lightning_vlm.distributed import gather_objects
 from lightning_vlm.eval.zero_shot import (
     Repr,
     Tokenize,

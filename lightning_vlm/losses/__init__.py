@@ -2,7 +2,7 @@
 (`LossOutput`); the one label shift lives in `language`."""
 
 from lightning_vlm.losses.coca import CoCaLoss
-from lightning_vlm.losses.contrastive import CLIPLoss, LlipLoss, SigLIPLoss, clip_loss, sigmoid_pair_loss, siglip_loss
+from lightning_vlm.losses.contrastive import CLIPLoss, LlipLoss, SigLIPLoss, clip_loss, siglip_loss, sigmoid_pair_loss
 from lightning_vlm.losses.language import NextTokenLoss, next_token_loss, shift_labels
 from lightning_vlm.losses.masked import MaskedModelingLoss
 from lightning_vlm.losses.output import LossOutput, WeightedLoss

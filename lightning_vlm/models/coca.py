@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from lightning_vlm.adapters import Adapter, AttentionPooler
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
-from lightning_vlm.models.similarity import caption_keys, scale_logits
 from lightning_vlm.models.contrastive import ContrastiveHeads, ContrastiveOutput
 from lightning_vlm.models.cross_attention import CrossAttentionLM, MediaCrossAttention
+from lightning_vlm.models.similarity import caption_keys, scale_logits
 
 
 @dataclass

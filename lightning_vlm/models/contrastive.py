@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_vlm.adapters import AttentionPooler
 from lightning_vlm.encoders import TextEncoder, TextOutput, VisionEncoder, VisionOutput
 from lightning_vlm.models.similarity import caption_keys, cosine_matrix, scale_logits, text_columns
-from lightning_vlm.adapters import AttentionPooler
 
 
 @dataclass

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, VisionEncoder
-from lightning_vlm.models.similarity import caption_keys
 from lightning_vlm.models.contrastive import DualEncoder, HardNegatives
 from lightning_vlm.models.masked import (
     MaskedModelingOutput,
@@ -26,6 +25,7 @@ from lightning_vlm.models.masked import (
     prediction_head,
     transformer_layer_args,
 )
+from lightning_vlm.models.similarity import caption_keys
 
 
 class MultimodalEncoder(nn.Module):

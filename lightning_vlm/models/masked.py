@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vlm.encoders import TextEncoder, TextOutput, VisionEncoder, VisionOutput
-from lightning_vlm.models.contrastive import ContrastiveOutput
 from lightning_vlm.encoders.patches import patchify, unpatchify
+from lightning_vlm.models.contrastive import ContrastiveOutput
 from lightning_vlm.models.masking import mask_tokens, pixel_targets, random_patch_mask
 
 

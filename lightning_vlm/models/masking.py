@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.encoders.patches import patchify
+from lightning_vlm.tokens import IGNORE_INDEX
 
 
 def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.device | str = "cpu",

@@ -15,11 +15,11 @@ from torch import Tensor
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lightning_vlm.adapters import Adapter
-from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
 from lightning_vlm.models.llava import LLaVA
 from lightning_vlm.models.visual_prompt import move_padding_left
+from lightning_vlm.tokens import IGNORE_INDEX
 
 
 def prefix_attention_mask(padding: Tensor, prefix_end: Tensor, bidirectional: bool = True) -> Tensor:

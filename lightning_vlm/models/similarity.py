@@ -32,7 +32,8 @@ def temperature(logit_scale: Tensor) -> Tensor:
 
 def cosine_matrix(rows: Tensor, columns: Tensor) -> Tensor:
     """(n, m) dot products of normalised embeddings, in float32 even under autocast: scaled by up to 100, bf16's
-    8-bit mantissa would move a logit by up to ~0.4, more than the margins that tell a caption from its hard negative."""
+    8-bit mantissa would move a logit by up to ~0.4, more than the margins that tell a caption from its hard
+    negative."""
     with torch.autocast(rows.device.type, enabled=False):
         return rows.float() @ columns.float().T
 

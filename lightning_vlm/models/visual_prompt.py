@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_vlm.tokens import IGNORE_INDEX
 from lightning_vlm.encoders.lm import LanguageModel, NextTokenOutput
+from lightning_vlm.tokens import IGNORE_INDEX
 
 
 @dataclass

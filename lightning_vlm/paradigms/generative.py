@@ -2,8 +2,8 @@
 
 The model (a `VisualPromptLM`: LLaVA, PaliGemma's prefix-LM, Flamingo, Fuyu, ...) predicts the text and
 ``generate``s; this paradigm trains it on the next-token loss over the target text (captions and answers, as the
-DataModule's task mixture lays them out), evaluates generated captions (CIDEr-D, BLEU-4) and answers (VQA accuracy per skill), and
-answers about any image from Python (`generate`) or over a split (`predict`).
+DataModule's task mixture lays them out), evaluates generated captions (CIDEr-D, BLEU-4) and answers (VQA accuracy
+per skill), and answers about any image from Python (`generate`) or over a split (`predict`).
 """
 
 from __future__ import annotations

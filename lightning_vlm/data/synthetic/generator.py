@@ -19,10 +19,10 @@ from typing import Any
 
 from webdataset import TarWriter
 
+from lightning_vlm.data.sources import MANIFEST
 from lightning_vlm.data.synthetic.language import caption, hard_negatives, questions
 from lightning_vlm.data.synthetic.render import encode_jpeg, render
 from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, sample_scene
-from lightning_vlm.data.sources import MANIFEST
 from lightning_vlm.data.synthetic.tokenizer import train_tokenizer
 from lightning_vlm.tokens import TOKENIZER_FILE
 

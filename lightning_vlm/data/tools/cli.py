@@ -75,7 +75,8 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--no-text", action="store_true", help="no written words in the scenes")
     synth.add_argument("--samples-per-shard", type=int, default=1000)
-    synth.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU; 0: this process)")
+    synth.add_argument("--workers", type=int, default=None,
+                       help="worker processes (default: one per CPU; 0: this process)")
 
 
 def _add_convert(commands: argparse._SubParsersAction) -> None:

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from lightning_vlm.data.collate import first_rows
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD
+from lightning_vlm.paradigms.base import VLMParadigm
 
 
 class SampleImageLogger(Callback):
@@ -31,21 +32,21 @@ class SampleImageLogger(Callback):
         if batch_idx == 0 and dataloader_idx == 0:
             self._batch = first_rows(batch, self.num_samples)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: VLMParadigm) -> None:
         batch, self._batch = self._batch, None
         writer = getattr(trainer.logger, "experiment", None)
         if batch is None or trainer.sanity_checking or not hasattr(writer, "add_image"):
             return
-        outputs = pl_module.sample_outputs(batch) if hasattr(pl_module, "sample_outputs") else None
-        mean = getattr(pl_module, "image_mean", None) or CLIP_MEAN
-        std = getattr(pl_module, "image_std", None) or CLIP_STD
+        outputs = pl_module.sample_outputs(batch)
+        mean, std = pl_module.image_mean or CLIP_MEAN, pl_module.image_std or CLIP_STD
         images = denormalize(batch["pixel_values"][: len(batch["meta"])], mean, std)  # after them: demonstrations
         lines = [describe(meta, outputs[i] if outputs else None) for i, meta in enumerate(batch["meta"])]
         grid = captioned_grid(images, lines, self.tile)
         writer.add_image("samples", np.asarray(grid), trainer.global_step, dataformats="HWC")
         writer.add_text("samples", "\n\n".join(f"{i}: {line}" for i, line in enumerate(lines)), trainer.global_step)
-        if hasattr(pl_module, "reconstructions"):
-            masked, rebuilt = pl_module.reconstructions(batch)
+        reconstructed = pl_module.reconstructions(batch)
+        if reconstructed is not None:
+            masked, rebuilt = reconstructed
             triples = [im for trio in zip(images, denormalize(masked, mean, std), denormalize(rebuilt, mean, std))
                        for im in trio]
             labels = ["original", "masked input", "reconstruction"] * len(images)

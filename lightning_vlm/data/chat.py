@@ -28,7 +28,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_
 def chat_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[tuple[str, str]], system: str | None = None,
              supervised: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """(ids, labels) of a chat of (user, assistant) turns: labels equal the ids on each assistant reply up to
-    and including its end-of-turn token (the EOS), and -100 everywhere else (system, user turns, role headers).
+    and including its end-of-turn token (the EOS), and IGNORE_INDEX everywhere else (system, user turns, role headers).
     ``supervised``: which replies carry labels (default all; few-shot demonstrations do not)."""
     messages = [{"role": "system", "content": system}] if system else []
     ids: list[int] = []

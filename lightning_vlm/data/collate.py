@@ -4,7 +4,7 @@ Text layout: ``[BOS] system prompt target [EOS]`` (``[CLS] ... [SEP]`` for token
 a multi-turn example continuing ``prompt2 target2 [EOS] ...``; a tokenizer with a chat template (a chat LM's)
 renders system, user prompts and assistant replies through it instead, with labels on the replies and their
 end-of-turn tokens only (data/chat.py). Labels are an unshifted copy of the ids on every supervised
-``reply [EOS]`` and -100 elsewhere; the causal shift happens in exactly one place, the LM loss.
+``reply [EOS]`` and IGNORE_INDEX elsewhere; the causal shift happens in one place, losses/language.py.
 
 With an ``image_token`` (the LM's placeholder, for models that place images in the text) the image is written
 into the text as that token, before the first prompt (``<image>\nwhat colour is the square?``), and the batch

@@ -40,7 +40,7 @@ class MaskedModelingOutput:
 @dataclass
 class MaskedPair:
     """A batch encoded with masked inputs: image (its masked patches in ``image.patch_mask``), text from masked
-    ids, and ``mlm_labels`` (B, L): the original token at masked positions, -100 elsewhere."""
+    ids, and ``mlm_labels`` (B, L): the original token at masked positions, IGNORE_INDEX elsewhere."""
 
     image: VisionOutput
     text: TextOutput

@@ -30,7 +30,7 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, special_ids: list[int
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """BERT's masked language modelling input: round(probability * n) of each row's n real, non-special tokens
     (at least one) are chosen; of those, 80 % become [MASK], 10 % a random token, 10 % stay. Returns the masked
-    ids and the labels: the original token where chosen, -100 everywhere else."""
+    ids and the labels: the original token where chosen, IGNORE_INDEX everywhere else."""
     maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
     count = (maskable.sum(dim=1) * probability).round().clamp_min(1)
     chosen = _choose(maskable, count, generator)

@@ -21,7 +21,7 @@ from lightning_vlm.tokens import IGNORE_INDEX
 
 @dataclass
 class Interleaved:
-    """Text with images placed: embeddings (B, L', D), padding mask (B, L'), labels (B, L') with -100 on image
+    """Text with images placed: embeddings (B, L', D), padding mask (B, L'), labels (B, L') with IGNORE_INDEX on image
     tokens (None when none were given), and ``image_slot`` (B, L'): each image token's index within its image,
     -1 on text."""
 

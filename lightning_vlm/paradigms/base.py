@@ -80,6 +80,16 @@ class VLMParadigm(LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
 
+    # ---- what the sample logger draws (callbacks/sample_logger.py) ---------------------------------------------------
+    def sample_outputs(self, batch: dict[str, Any]) -> list[str] | None:
+        """Text the model writes for each sample (generated answers), drawn beside the images; None if it writes
+        none."""
+        return None
+
+    def reconstructions(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """The batch's images with parts masked, and the model's reconstruction of them; None if it makes none."""
+        return None
+
     # ---- what the data side reads ----------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:

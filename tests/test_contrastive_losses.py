@@ -1,4 +1,5 @@
-"""Contrastive losses against plain loop references, a hand-computable constant, and the logit-scale clamp."""
+"""Contrastive losses against plain loop references, open_clip's losses, a hand-computable constant, and the
+logit-scale clamp."""
 
 import math
 
@@ -138,6 +139,54 @@ def test_copies_of_a_caption_are_not_its_negatives() -> None:
     assert siglip != pytest.approx(siglip_loss(img, txt, scale, bias, neg).item(), rel=1e-3)
     without_negatives = clip_loss(img, txt, scale, text_keys=as_tensors[0]).item()
     assert without_negatives == pytest.approx(_reference_deduplicated(img, txt, neg[:0], keys, [], t), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def open_clip_loss():
+    """open_clip's loss module (installed by the `test` extra)."""
+    return pytest.importorskip("open_clip.loss")
+
+
+def _features(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random normalised (8, 16) image and text features, leaves of the graph."""
+    return tuple(e.requires_grad_() for e in _embeddings(n=8, d=16, seed=seed))
+
+
+def _values_and_grads(loss: torch.Tensor, leaves: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("t", [1 / 0.07, 10.0, 50.0])
+def test_clip_loss_and_its_gradients_equal_open_clips(open_clip_loss, t) -> None:
+    """open_clip's ClipLoss takes the multiplier t (its training loop clamps the parameter to ln 100); ours takes the
+    log-scale and clamps in the forward pass. Inside the clamp they are one function of the features and log t."""
+    img, txt = _features(seed=11)
+    log_t = torch.tensor(math.log(t), requires_grad=True)
+    ours = _values_and_grads(clip_loss(img, txt, log_t), (img, txt, log_t))
+    theirs = _values_and_grads(open_clip_loss.ClipLoss()(img, txt, log_t.exp()), (img, txt, log_t))
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t, bias", [(10.0, -10.0), (1 / 0.07, -2.0), (50.0, 3.0)])
+def test_siglip_loss_and_its_gradients_equal_open_clips(open_clip_loss, t, bias) -> None:
+    """open_clip's SigLipLoss divides the summed pair losses by the number of images, as `sigmoid_pair_loss` divides
+    by its rows (one per local image); gradients agree for the features, the log-scale and the bias."""
+    img, txt = _features(seed=12)
+    log_t, b = torch.tensor(math.log(t), requires_grad=True), torch.tensor(bias, requires_grad=True)
+    ours = _values_and_grads(siglip_loss(img, txt, log_t, b), (img, txt, log_t, b))
+    theirs = _values_and_grads(open_clip_loss.SigLipLoss()(img, txt, log_t.exp(), b), (img, txt, log_t, b))
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_log_scale_past_ln_100_scores_as_open_clips_clamped_parameter(open_clip_loss) -> None:
+    """Where open_clip would have clamped its parameter to ln 100 before the step, our forward pass clamps it."""
+    img, txt = (e.detach() for e in _features(seed=13))
+    beyond, hundred, bias = torch.tensor(6.0), torch.tensor(100.0), torch.tensor(-10.0)
+    torch.testing.assert_close(clip_loss(img, txt, beyond), open_clip_loss.ClipLoss()(img, txt, hundred))
+    theirs = open_clip_loss.SigLipLoss()(img, txt, hundred, bias)
+    torch.testing.assert_close(siglip_loss(img, txt, beyond, bias), theirs)
 
 
 def test_clip_loss_of_identical_embeddings_is_ln_n() -> None:

@@ -15,7 +15,7 @@ from lightning_vlm.losses.contrastive import CLIPLoss, LlipLoss, SigLIPLoss
 from lightning_vlm.models.contrastive import DualEncoder, Llip
 from lightning_vlm.paradigms.contrastive import Contrastive
 
-STEPS = 80
+STEPS = 120
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
@@ -41,18 +41,22 @@ def chance_loss(kind: str, batch_size: int) -> float:
     return -math.log(p) - (batch_size - 1) * math.log(1 - p)
 
 
-SIGMOID_COLLAPSE = pytest.mark.xfail(
-    strict=True, reason="known: from scratch on one batch, the sigmoid loss settles on the collapsed solution "
-    "(every pair alike) for tiny towers; CLIP's softmax escapes it. Tracked on the contrastive issue.")
+def standardised(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels at zero mean and unit variance per channel over the batch.
+
+    Under CLIP's statistics (the DataModule's default) the benchmark's dark backgrounds sit near -1.3 in every
+    channel: a constant that swamps each patch embedding, so a random ViT pools every image to nearly one vector
+    (1 - cos ~ 4e-3, against ~7e-2 standardised)."""
+    return (pixels - pixels.mean(dim=(0, 2, 3), keepdim=True)) / pixels.std(dim=(0, 2, 3), keepdim=True)
 
 
-@pytest.mark.parametrize("kind", ["clip", pytest.param("siglip", marks=SIGMOID_COLLAPSE),
-                                  pytest.param("llip", marks=SIGMOID_COLLAPSE)])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "llip"])
 def test_overfits_one_batch(kind, tiny_benchmark):
     paradigm = build(kind, tiny_benchmark)
     batch = next(iter(ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1}, batch_size=16).train_dataloader()))
     optimizer = torch.optim.AdamW(paradigm.parameters(), lr=3e-4)  # larger steps collapse both towers at first
-    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    # SigLIP/Llip stalled before: near-identical image embeddings let the sigmoid's shared-shift gradient swamp Adam
+    args = (standardised(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"])
     losses = []
     for _ in range(STEPS):
         loss = paradigm.loss(paradigm.model(*args)).total

@@ -100,8 +100,8 @@ def test_half_precision_dtype_names_are_checked(tiny_benchmark):
 
 
 def test_half_precision_parameters_cannot_train_beside_float32_ones():
-    paradigm = VLMParadigm()
-    paradigm.model = nn.ModuleDict({"projector": nn.Linear(4, 4), "language_model": nn.Linear(4, 4).bfloat16()})
+    model = nn.ModuleDict({"projector": nn.Linear(4, 4), "language_model": nn.Linear(4, 4).bfloat16()})
+    paradigm = VLMParadigm(model, NextTokenLoss())
     with pytest.raises(ValueError, match="half-precision parameters would train beside float32 ones"):
         paradigm.parameter_groups()
     paradigm.model["language_model"].requires_grad_(False)  # frozen, as a half-precision LM should be

@@ -123,7 +123,7 @@ def test_itg_loss_is_next_token_cross_entropy_on_real_tokens(blip2):
     ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     out = blip2(torch.randn(2, 3, 32, 32), TextBatch(ids, mask), objectives={"itg"})
-    logits = blip2.itg_head(out.itg.hidden)
+    logits = out.itg.hidden  # (B, T, V): the ITG head scores every position
     terms = [-logits[b, t].log_softmax(-1)[ids[b, t + 1]] for b in range(2) for t in range(3) if mask[b, t + 1]]
     assert next_token_loss(out.itg).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
 

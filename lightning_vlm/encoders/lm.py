@@ -37,11 +37,12 @@ TINY_LLAMA: dict[str, Any] = {
 class NextTokenOutput:
     """What a next-token loss reads (losses/language.py): the hidden states of every position (B, L, D), the
     unshifted labels (B, L; IGNORE_INDEX where no loss applies), and the head that turns hidden states into
-    vocabulary logits, which the loss applies only where a label is."""
+    vocabulary logits, which the loss applies only where a label is. A model that scores every position itself
+    (BLIP-2's ITG head, as BERT's LM head does) gives those logits (B, L, V) as ``hidden`` and no head."""
 
     hidden: Tensor
     labels: Tensor
-    head: Callable[[Tensor], Tensor]
+    head: Callable[[Tensor], Tensor] | None = None
 
 
 class LanguageModel(nn.Module):

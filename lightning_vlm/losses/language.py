@@ -32,7 +32,8 @@ def next_token_loss(out: NextTokenOutput, reduction: Reduction = "token", label_
     the batch's labelled tokens (transformers' way); "sample" over each sequence's first, then over sequences, so a
     one-word answer weighs as much as a twenty-token caption."""
     targets, keep = shift_labels(out.labels)
-    logits = out.head(out.hidden[:, :-1][keep]).float()
+    labelled = out.hidden[:, :-1][keep]
+    logits = (labelled if out.head is None else out.head(labelled)).float()
     if reduction == "token":
         return F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing)
     losses = F.cross_entropy(logits, targets[keep], reduction="none", label_smoothing=label_smoothing)

@@ -167,10 +167,10 @@ class BLIP2(VisualPromptLM):
 
     def caption_predictions(self, image: Tensor, text: TextBatch) -> NextTokenOutput:
         """ITG: the caption read from the queries under the multimodal causal mask, the decoding token in place of
-        the first token; padding carries no label."""
+        the first token, scored at every position; padding carries no label."""
         out = self.qformer(image, text.input_ids, text.attention_mask, mask="multimodal_causal", decoder=True)
-        return NextTokenOutput(out.text, text.input_ids.masked_fill(text.attention_mask == 0, IGNORE_INDEX),
-                               self.itg_head)
+        return NextTokenOutput(self.itg_head(out.text),
+                               text.input_ids.masked_fill(text.attention_mask == 0, IGNORE_INDEX))
 
     # ---- stage 2 ----------------------------------------------------------------------------------------------
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:

@@ -23,6 +23,11 @@ from test_cli import NEEDS_WEIGHTS
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 GOLDEN = Path(__file__).parent / "golden_losses.json"
 STEPS = 5
+# The SmolLM2 recipes' losses depend on the CPU's instruction set beyond 1e-5: their bfloat16 LM sums in another
+# order, and Adam on pretrained MiniLM grows 1-ulp differences (measured here with ATen, MKL and oneDNN forced to
+# AVX2 instead of AVX-512: the fifth loss moves by 0.5 % and 1.1 %). They match to 1e-5 on the machine that recorded
+# them; elsewhere this bound still catches a shifted label or a dropped or doubled term, which move a loss far more.
+CROSS_CPU_RTOL = 5e-2
 
 
 class LossRecorder(Callback):
@@ -73,4 +78,5 @@ def test_first_losses_match_the_golden_file(recipe, tiny_benchmark, tmp_path, mo
         golden[recipe.stem] = losses
         GOLDEN.write_text(json.dumps(dict(sorted(golden.items())), indent=1) + "\n")
     assert len(losses) == STEPS
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden[recipe.stem]), rtol=1e-5, atol=1e-5)
+    tolerance = CROSS_CPU_RTOL if recipe.stem in NEEDS_WEIGHTS else 1e-5
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden[recipe.stem]), rtol=tolerance, atol=1e-5)

@@ -8,6 +8,11 @@ Frozen parts are in eval mode and out of the optimizer; entering a phase rebuild
 parameters still trained are carried over) with one parameter group per named part. The LR schedule is a function
 of the global step, so it runs on across phases.
 
+Under DDP, a phase that changes which parameters train re-wraps the model: DDP averages the gradients of exactly
+the parameters that required grad when it wrapped the model, so without a new wrapper every rank would train its
+own copy of what the phase unfroze or added. Re-wrapping (rather than all-reducing the new gradients by hand) keeps
+DDP's bucketing and its overlap of communication with the backward pass; it happens once per phase change.
+
 LoRA adapters named anywhere in the plan are injected when fitting starts, inert (B = 0) and frozen until
 their phase: the function is unchanged until then, exactly as if they were added at that step, and a
 resumed run's checkpoint always matches the module layout. The plan and the current phase are saved in
@@ -23,7 +28,9 @@ from typing import Any
 
 import peft
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ class StagedFreezing(Callback):
         self.current = -1
         self.frozen: set[str] = set()
         self._module: LightningModule | None = None
+        self._wrapped: frozenset[str] | None = None  # the trainable parameters the DDP wrapper averages
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -66,11 +74,16 @@ class StagedFreezing(Callback):
             inject_lora(self._part(path), config)
         self._enter(0)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._wrapped = self._trainable()  # the strategy has just wrapped the model; a resume may change it next
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         due = self._due(trainer.global_step, trainer.current_epoch)
         if due > self.current:
             self._enter(due)
             self._rebuild_optimizer(trainer)
+        if self._trainable() != self._wrapped:
+            self._rewrap(trainer)
         self._keep_frozen_in_eval()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -144,6 +157,18 @@ class StagedFreezing(Callback):
                 for param in group["params"]:
                     if id(param) in old:
                         optimizer.state[param] = old[id(param)]
+
+    def _trainable(self) -> frozenset[str]:
+        return frozenset(name for name, param in self._module.named_parameters() if param.requires_grad)
+
+    def _rewrap(self, trainer: Trainer) -> None:
+        """A new DDP wrapper over what trains now (see the module docstring); other strategies need none."""
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+            log.info("staged freezing: DDP re-wrapped over %d trainable parameters", len(self._trainable()))
+        self._wrapped = self._trainable()
 
     def _lora_targets(self) -> dict[str, dict[str, Any]]:
         targets: dict[str, dict[str, Any]] = {}

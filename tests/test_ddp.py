@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_golden_losses import golden_config
 
 SCRIPT = Path(__file__).parent / "multiprocess" / "staged_fit.py"
+RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 def fit_two_ranks(case: str, root: str, out: Path) -> list[dict]:
@@ -33,3 +37,31 @@ def test_replicas_stay_identical_across_a_phase_change(case, trained_late, tiny_
     assert late, f"the second phase trains nothing matching {trained_late!r}"
     differ = [name for name, value in ranks[0]["state"].items() if not torch.equal(value, ranks[1]["state"][name])]
     assert differ == []
+
+
+FAMILIES = ["clip", "flava", "blip2", "llava"]  # contrastive, masked, Q-Former, generative
+
+
+@pytest.mark.parametrize("recipe", FAMILIES)
+def test_each_family_fits_on_two_ranks_with_uneven_shards(recipe, tiny_benchmark, tmp_path):
+    """The recipe itself under torchrun: three training shards over two ranks (two and one), a validation whose
+    metrics are gathered over ranks and written once, and not one warning about unsynchronised logging."""
+    config = golden_config(RECIPES / f"{recipe}.yaml", tiny_benchmark)
+    config["trainer"].update(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_steps=3,
+                             val_check_interval=3, limit_val_batches=1)
+    config["trainer"].pop("logger")  # the CLI's default: TensorBoard under runs/
+    config["data"]["init_args"].update(train=f"{tiny_benchmark}/train/shard-00000{{0..2}}.tar", samples_per_epoch=16,
+                                       val_splits=["val"], eval_batch_size=16)
+    config["model"]["init_args"]["eval_max_samples"] = 32
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "lightning_vlm", "fit", "--config", "recipe.yaml"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "sync_dist" not in output
+    (run,) = (tmp_path / "runs" / "lightning_logs").iterdir()  # rank 0 alone writes the logs
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert len(events.Scalars("val/loss")) == 1

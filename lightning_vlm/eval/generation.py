@@ -52,7 +52,7 @@ class GenerationEvaluator:
         captions = [r for r in self.records if r["task"] == "caption"]
         if captions:
             candidates, references = [r["generated"] for r in captions], [r["target"] for r in captions]
-            cider = CIDErD()
+            cider = CIDErD(sync_on_compute=False)  # the records are every rank's already (_gather_ranks)
             cider.update(candidates, references)
             metrics.update(cider_d=cider.compute().item(), bleu4=bleu4(candidates, references))
         for task in ("vqa", "chat", "fewshot"):  # a chat's last reply, a few-shot example's answer

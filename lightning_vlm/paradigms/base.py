@@ -70,8 +70,9 @@ class VLMParadigm(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for index, evaluators in sorted(self._evaluators.items()):
-            for evaluator in evaluators:
-                self.log_dict(evaluator.compute(self.model, self.eval_split_name(index)), add_dataloader_idx=False)
+            for evaluator in evaluators:  # scored on every rank's samples, gathered: the mean over ranks is the value
+                self.log_dict(evaluator.compute(self.model, self.eval_split_name(index)), add_dataloader_idx=False,
+                              sync_dist=True)
                 evaluator.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -167,11 +168,12 @@ class VLMParadigm(LightningModule):
     def log_losses(self, stage: str, losses: LossOutput, batch_size: int) -> None:
         """Log the total, every named term and every stat under `stage/`."""
         values = {**losses.terms, **losses.stats}
-        on_step = stage == "train"
+        on_step = stage == "train"  # an eval split's epoch means are averaged over ranks (sync_dist)
         self.log_dict({f"{stage}/{k}": v.detach().float() for k, v in values.items()}, on_step=on_step,
-                      on_epoch=not on_step, prog_bar=False, batch_size=batch_size, add_dataloader_idx=False)
+                      on_epoch=not on_step, prog_bar=False, batch_size=batch_size, add_dataloader_idx=False,
+                      sync_dist=not on_step)
         self.log(f"{stage}/loss", losses.total.detach(), on_step=on_step, on_epoch=not on_step, prog_bar=True,
-                 batch_size=batch_size, add_dataloader_idx=False)
+                 batch_size=batch_size, add_dataloader_idx=False, sync_dist=not on_step)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -17,15 +17,17 @@ from lightning import LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_vlm.callbacks import BadDataLogger, SampleImageLogger
+from lightning_vlm.callbacks import AtomicCheckpointIO, BadDataLogger, SampleImageLogger
 from lightning_vlm.data.datamodule import ensure_default_benchmark
 
 
 def trainer_defaults() -> dict:
-    """TensorBoard logging to runs/, and the callbacks every run has (a recipe's callbacks come on top)."""
+    """TensorBoard logging to runs/, the callbacks every run has (a recipe's callbacks come on top), and
+    checkpoints written atomically."""
     return {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
         "callbacks": [LearningRateMonitor(), SampleImageLogger(), BadDataLogger()],
+        "plugins": [AtomicCheckpointIO()],
     }
 
 

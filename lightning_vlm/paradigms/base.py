@@ -3,8 +3,9 @@ and what the data side needs."""
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
@@ -17,6 +18,8 @@ from lightning_vlm.eval.suite import Evaluator
 from lightning_vlm.losses.output import LossOutput, WeightedLoss
 from lightning_vlm.paradigms.weights import WeightsSource, load_weights
 
+log = logging.getLogger(__name__)
+
 
 class VLMParadigm(LightningModule):
     """A `model` (plain nn.Module) and a `loss` (`WeightedLoss`): every family trains by the same step,
@@ -28,15 +31,21 @@ class VLMParadigm(LightningModule):
     AdamW over trainable parameters (no weight decay on biases, norms, scalars), linear warmup then cosine.
     ``lr_multipliers`` give named parts of ``model`` (a module or a parameter: "vision", "heads.logit_scale") their
     own parameter groups at LR × factor; the staged-freezing plan adds its phases' on top. ``init_from`` loads
-    weights from checkpoints before training (`load_weights`).
+    weights from checkpoints before training (`load_weights`). ``on_nonfinite_loss``: a NaN or infinite loss on any
+    rank stops the run, naming the step and samples ("stop"), or skips that batch on every rank ("skip").
     """
 
     def __init__(self, model: nn.Module, loss: WeightedLoss, eval_max_samples: int | None = 1000,
                  lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
                  init_from: list[WeightsSource] | None = None,
-                 lr_multipliers: dict[str, float] | None = None) -> None:
+                 lr_multipliers: dict[str, float] | None = None,
+                 on_nonfinite_loss: Literal["stop", "skip"] = "stop") -> None:
         super().__init__()
+        if on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip', got {on_nonfinite_loss!r}")
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.skipped_steps = 0
         self.save_hyperparameters(ignore=["model", "loss"])
         self.model, self.loss = model, loss
         self.eval_max_samples = eval_max_samples
@@ -55,10 +64,31 @@ class VLMParadigm(LightningModule):
         """Fresh evaluators for one eval split (its loss is always logged)."""
         return []
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         losses = self.loss(self.model_output(batch))
+        if not self._finite_everywhere(losses.total):
+            return self._nonfinite(losses, batch)
         self.log_losses("train", losses, batch_size=len(batch["meta"]))
         return losses.total
+
+    def _finite_everywhere(self, total: Tensor) -> bool:
+        """Whether the loss is finite on every rank (one decision, so every rank skips or stops together)."""
+        finite = bool(torch.isfinite(total.detach()))
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True) if self._trainer else finite
+
+    def _nonfinite(self, losses: LossOutput, batch: dict[str, Any]) -> None:
+        """A non-finite loss never reaches the optimizer: stop, naming the step, the terms and the samples, or skip
+        the batch (no backward, no step) and count it in ``train/skipped_nonfinite``."""
+        terms = {name: float(value) for name, value in losses.terms.items()}
+        keys = [meta["key"] for meta in batch["meta"]]
+        shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+        where = f"non-finite loss at step {self.global_step} (terms {terms}; samples {shown})"
+        if self.on_nonfinite_loss == "stop":
+            raise FloatingPointError(f"{where}; set model.init_args.on_nonfinite_loss: skip to skip such batches")
+        self.skipped_steps += 1
+        log.warning("%s: batch skipped (%d so far)", where, self.skipped_steps)
+        self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True, batch_size=len(keys))
+        return None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         with local_batch():  # eval batches need not match across ranks; the evaluators gather what they score

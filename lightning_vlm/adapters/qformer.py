@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_vlm.encoders.text import load_text_encoder
 
@@ -122,6 +123,7 @@ class QFormer(nn.Module):
     ``name_or_path``: a BERT checkpoint whose embeddings, self-attention and feed-forward initialise the text
     and the query paths alike (cross-attention, queries and the decoding token are new); else ``config``
     (keys of a transformers BertConfig) builds one from scratch. ``tokenizer`` defaults to the checkpoint's.
+    ``grad_checkpointing``: each layer recomputes its activations in backward (less memory, one more forward).
     """
 
     def __init__(
@@ -132,8 +134,10 @@ class QFormer(nn.Module):
         tokenizer: str | None = None,
         num_queries: int = 32,
         cross_attention_freq: int = 2,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         bert, self.tokenizer = load_text_encoder(name_or_path, config, None, tokenizer)
         c = bert.config
         self.width, self.num_queries = c.hidden_size, num_queries
@@ -187,7 +191,11 @@ class QFormer(nn.Module):
         else:
             allowed = None
         for layer in self.layers:
-            hidden = layer(hidden, allowed, num_queries, image)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # written by hand: the Q-Former's layers are ours; torch's checkpoint replays dropout's RNG
+                hidden = checkpoint(layer, hidden, allowed, num_queries, image, use_reentrant=False)
+            else:
+                hidden = layer(hidden, allowed, num_queries, image)
         return QFormerOutput(hidden[:, :num_queries] if image is not None else None,
                              hidden[:, num_queries:] if input_ids is not None else None)
 

@@ -16,6 +16,7 @@ import transformers
 from tokenizers import AddedToken
 from torch import Tensor, nn
 
+from lightning_vlm.encoders.text import enable_checkpointing
 from lightning_vlm.pretrained import load_pretrained
 from lightning_vlm.tokens import IMAGE_TOKEN, load_tokenizer, location_tokens
 
@@ -58,7 +59,8 @@ class LanguageModel(nn.Module):
     precision suits an LM that stays frozen (with or without LoRA, whose adapters stay float32), halving its memory
     and, on a CPU with bf16 instructions, its step time; inputs are cast to it, so the parts around it stay float32.
     `attn_implementation` goes to transformers ("eager", "sdpa", ...): on CPU, bf16 SDPA's backward is slow for
-    short sequences, eager is not.
+    short sequences, eager is not. `grad_checkpointing`: activation checkpointing of every decoder layer (less
+    memory, one more forward per step).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class LanguageModel(nn.Module):
         location_bins: int = 0,
         dtype: str | None = None,
         attn_implementation: str | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         options = {"dtype": weights_dtype(dtype)} if dtype is not None else {}
@@ -98,6 +101,8 @@ class LanguageModel(nn.Module):
             self.model = transformers.AutoModelForCausalLM.from_config(hf_config, **options)
         if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             self.model.resize_token_embeddings(len(self.tokenizer))
+        if grad_checkpointing:
+            enable_checkpointing(self.model)
         if lora:
             self.add_lora(**lora)
 

@@ -80,6 +80,7 @@ class TextEncoder(nn.Module):
         pooling: Literal["cls", "mean"] = "cls",
         tokenizer: str | None = None,
         length_buckets: int = 1,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -89,6 +90,8 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
         self.length_buckets = length_buckets
         self.model, self.tokenizer = load_text_encoder(name_or_path, config, vocab_size, tokenizer)
+        if grad_checkpointing:
+            enable_checkpointing(self.model)
 
     @property
     def width(self) -> int:
@@ -117,3 +120,14 @@ class TextEncoder(nn.Module):
             states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             chunks.append(F.pad(states, (0, 0, 0, input_ids.shape[1] - length)))
         return torch.cat(chunks)[order.argsort()]
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' own activation checkpointing of every layer (non-reentrant: frozen inputs need no grad), by its
+    name since v5 or its older one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+

@@ -62,7 +62,7 @@ class StagedFreezing(Callback):
         self.current = -1
         self.frozen: set[str] = set()
         self._module: LightningModule | None = None
-        self._wrapped: frozenset[str] | None = None  # the trainable parameters the DDP wrapper averages
+        self._wrapped_phase = -1  # the phase whose trainable parameters the DDP wrapper averages
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -75,14 +75,14 @@ class StagedFreezing(Callback):
         self._enter(0)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._wrapped = self._trainable()  # the strategy has just wrapped the model; a resume may change it next
+        self._wrapped_phase = self.current  # the strategy has just wrapped the model; a resume may move on next
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         due = self._due(trainer.global_step, trainer.current_epoch)
         if due > self.current:
             self._enter(due)
             self._rebuild_optimizer(trainer)
-        if self._trainable() != self._wrapped:
+        if self.current != self._wrapped_phase:  # only entering a phase changes what trains
             self._rewrap(trainer)
         self._keep_frozen_in_eval()
 
@@ -158,17 +158,14 @@ class StagedFreezing(Callback):
                     if id(param) in old:
                         optimizer.state[param] = old[id(param)]
 
-    def _trainable(self) -> frozenset[str]:
-        return frozenset(name for name, param in self._module.named_parameters() if param.requires_grad)
-
     def _rewrap(self, trainer: Trainer) -> None:
         """A new DDP wrapper over what trains now (see the module docstring); other strategies need none."""
         strategy = trainer.strategy
         if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()
-            log.info("staged freezing: DDP re-wrapped over %d trainable parameters", len(self._trainable()))
-        self._wrapped = self._trainable()
+            log.info("staged freezing: DDP re-wrapped for phase %d", self.current)
+        self._wrapped_phase = self.current
 
     def _lora_targets(self) -> dict[str, dict[str, Any]]:
         targets: dict[str, dict[str, Any]] = {}

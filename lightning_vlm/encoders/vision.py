@@ -95,8 +95,8 @@ class VisionEncoder(nn.Module):
         self.extra_tokens = (nn.Parameter(torch.randn(1, num_extra_tokens, self.width) * 0.02) if num_extra_tokens
                              else None)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width)) if mask_token else None
-        self.grad_checkpointing = grad_checkpointing
-        self.model.set_grad_checkpointing(grad_checkpointing)  # timm's own switch: its stages recompute in backward
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)  # timm's own switch: its blocks or stages recompute in backward
 
     @property
     def width(self) -> int:
@@ -157,6 +157,6 @@ class VisionEncoder(nn.Module):
         if k:
             x = torch.cat([x, self.extra_tokens.expand(x.shape[0], -1, -1)], dim=1)
         x = m.norm_pre(x)
-        x = checkpoint_seq(m.blocks, x) if self.grad_checkpointing and torch.is_grad_enabled() else m.blocks(x)
+        x = checkpoint_seq(m.blocks, x) if m.grad_checkpointing and torch.is_grad_enabled() else m.blocks(x)
         x = m.norm(x)
         return (x[:, :-k], x[:, -k:]) if k else (x, None)

@@ -57,8 +57,8 @@ class VLMParadigm(LightningModule):
 
     # ---- the one training and evaluation step ----------------------------------------------------------------------
     def model_output(self, batch: dict[str, Any]) -> Any:
-        """The model's output on a batch, what the loss reads."""
-        raise NotImplementedError
+        """The model's output on a batch, what the loss reads: each family says how a batch reaches its model."""
+        raise NotImplementedError(f"{type(self).__name__} must define model_output(batch)")
 
     def evaluators(self) -> list[Evaluator]:
         """Fresh evaluators for one eval split (its loss is always logged)."""

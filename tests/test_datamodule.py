@@ -16,7 +16,7 @@ from lightning_vlm.data.collate import Collator, Example
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.sources import ShardSource
-from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
+from lightning_vlm.data.stream import ShardStream, StreamConfig, StreamPosition, make_loader
 from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.transforms import hflip_sample, swap_left_right
@@ -230,7 +230,7 @@ def test_a_resumed_run_reads_its_epoch_in_the_same_order(tiny_benchmark):
     dm = ShardDataModule(root=tiny_benchmark, batch_size=32, shuffle_buffer=64)
     counted = dm.train_dataloader()
     epochs = [keys_of(counted) for _ in range(3)]
-    resumed = make_loader(counted.dataset, 0, epoch=lambda: 2)  # as a run restored at epoch 2 asks
+    resumed = make_loader(counted.dataset, 0, lambda: StreamPosition(2))  # as a run restored at epoch 2 asks
     assert keys_of(resumed) == epochs[2] != epochs[1]
 
 

@@ -1,7 +1,8 @@
-"""DDP stays correct when a staged plan changes what trains: two CPU processes (gloo) fit a tiny BLIP-2 through both
-stages and a tiny LLaVA through a LoRA phase, and every parameter ends bit-identical on both ranks. DDP averages
-only the gradients of parameters that required grad when it wrapped the model; without re-wrapping at the phase
-change, each rank would train its own copy of what the new phase unfroze."""
+"""DDP stays correct: two CPU processes (gloo) fit a tiny BLIP-2 through both stages and a tiny LLaVA through a LoRA
+phase, and every parameter ends bit-identical on both ranks (DDP averages only the gradients of parameters that
+required grad when it wrapped the model; without re-wrapping at the phase change, each rank would train its own
+copy of what the new phase unfroze). Two ranks of batch B train as one process of batch 2B; a two-rank run resumed
+mid-epoch ends as the uninterrupted one; every family's recipe fits on uneven shards."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from multiprocess.exactness import clip, one_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_golden_losses import golden_config
 
 SCRIPT = Path(__file__).parent / "multiprocess" / "staged_fit.py"
+EXACTNESS = Path(__file__).parent / "multiprocess" / "exactness.py"
 RECIPES = Path(__file__).parents[1] / "recipes"
 
 
-def fit_two_ranks(case: str, root: str, out: Path) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+def fit_two_ranks(case: str, root: str, out: Path, script: Path = SCRIPT) -> list[dict]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                case, root, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -37,6 +40,27 @@ def test_replicas_stay_identical_across_a_phase_change(case, trained_late, tiny_
     assert late, f"the second phase trains nothing matching {trained_late!r}"
     differ = [name for name, value in ranks[0]["state"].items() if not torch.equal(value, ranks[1]["state"][name])]
     assert differ == []
+
+
+def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(tiny_benchmark, tmp_path):
+    """The same global batches, split over two ranks or whole in one process: the same weights after three SGD
+    steps (CLIP's loss gathers every rank's embeddings, so both see one 2B x 2B similarity matrix; DDP averages)."""
+    ranks = fit_two_ranks("batch_split", tiny_benchmark, tmp_path, EXACTNESS)
+    reference, initial = one_process(tiny_benchmark), dict(clip(tiny_benchmark).named_parameters())
+    assert all(not torch.equal(value, initial[name]) for name, value in reference.items())  # every weight moved
+    for name, value in reference.items():
+        torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=1e-6,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_a_two_rank_run_resumed_mid_epoch_sees_the_same_samples_and_ends_with_the_same_weights(tiny_benchmark,
+                                                                                               tmp_path):
+    ranks = fit_two_ranks("resume", tiny_benchmark, tmp_path, EXACTNESS)
+    for rank in ranks:
+        assert len(rank["whole"]) == 9 and rank["resumed"] == rank["whole"]
+        straight = rank["straight_state"]
+        assert [name for name, value in rank["resumed_state"].items() if not torch.equal(value, straight[name])] == []
+    assert ranks[0]["whole"] != ranks[1]["whole"]  # each rank reads its own samples
 
 
 FAMILIES = ["clip", "flava", "blip2", "llava"]  # contrastive, masked, Q-Former, generative

@@ -13,6 +13,7 @@ a batch of a unimodal source (`ShardSource(modality=...)`, for FLAVA).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -28,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.sources import MANIFEST, ShardSource, as_sources, read_manifest
-from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
+from lightning_vlm.data.stream import EpochLoader, ShardStream, StreamConfig, StreamPosition, make_loader
 from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
 from lightning_vlm.data.tasks import TaskFormatter
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
@@ -73,6 +74,11 @@ class ShardDataModule(LightningDataModule):
             example's question (images of the same batch).
         group_by_task: every training batch holds one task (short questions are not padded to captions' length);
             the mixture's weights then hold per batch instead of per sample.
+
+    Checkpoints keep the training stream's position (`state_dict`), so a run resumed mid-epoch reads exactly the
+    batches an uninterrupted run would, in the same order. Resuming mid-epoch with another world size, number of
+    workers, batch size, seed, task mixture or shard list is refused, naming what changed; at an epoch boundary any
+    of them may change.
     """
 
     def __init__(
@@ -112,6 +118,8 @@ class ShardDataModule(LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.caption_tokenizer: PreTrainedTokenizerBase | None = None
         self.val_names, self.test_names = list(val_splits), list(test_splits)
+        self._train_loader: EpochLoader | None = None
+        self._resume: StreamPosition | None = None  # a restored checkpoint's position, taken by the next epoch
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """Tensors move; the per-sample ``meta`` dicts (texts, boxes, the scene's json) stay as they are, unwalked:
@@ -139,6 +147,45 @@ class ShardDataModule(LightningDataModule):
                                  "lightning_vlm.data.datamodule.add_location_tokens on the model's tokenizer")
 
     def train_dataloader(self) -> DataLoader:
+        self._train_loader = self._loader(*self._train_stream(), train=True)
+        return self._train_loader
+
+    def state_dict(self) -> dict:
+        """The training stream's position (the next epoch's start once an epoch is done) and what it depends on."""
+        if self.trainer is None or self._train_loader is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        epoch, consumed = self.trainer.current_epoch, progress.current.processed
+        if progress.is_last_batch:
+            epoch, consumed = epoch + 1, 0
+        return {"train_stream": {"epoch": epoch, "batch": consumed, "depends_on": self._stream_identity()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume the training stream where the checkpoint left it (refused mid-epoch if the stream changed)."""
+        saved = state_dict.get("train_stream")
+        if saved is None or self.trainer is None or self.trainer.state.fn != "fit":
+            return
+        position = StreamPosition(saved["epoch"], saved["batch"])
+        if position.batch:
+            now = self._stream_identity()
+            changed = [f"{key} {saved['depends_on'].get(key)!r} -> {now[key]!r}" for key in now
+                       if saved["depends_on"].get(key) != now[key]]
+            if changed:
+                raise ValueError(f"cannot resume mid-epoch (epoch {position.epoch}, batch {position.batch}): the "
+                                 f"training stream changed ({'; '.join(changed)}); resume with the same settings or "
+                                 "from a checkpoint written at the end of an epoch")
+            if self._train_loader is not None and self._train_loader.iterations:
+                raise RuntimeError("the training stream started before the checkpoint was restored (a strategy that "
+                                   "restores after setup, with a stream of unknown length): set data.init_args."
+                                   "samples_per_epoch to resume mid-epoch")
+        self._resume = position
+
+    def _next_position(self) -> StreamPosition:
+        """Where the next training epoch starts: a restored checkpoint's position once, else the trainer's epoch."""
+        position, self._resume = self._resume, None
+        return position or StreamPosition(self.trainer.current_epoch)
+
+    def _train_stream(self) -> tuple[list[ShardSource], dict, StreamConfig]:
         sources = as_sources(self.hparams.train, "train") or [ShardSource(self.hparams.root, split="train")]
         sources = [replace(s, fraction=s.fraction * self.hparams.train_fraction) for s in sources]
         config = StreamConfig(
@@ -150,7 +197,27 @@ class ShardDataModule(LightningDataModule):
             seed=self.hparams.seed,
             group_by_task=self.hparams.group_by_task,
         )
-        return self._loader(sources, self.hparams.tasks, config, train=True)
+        return sources, self.hparams.tasks, config
+
+    def _stream_identity(self) -> dict:
+        """What decides which samples a rank's training stream yields, in which order: a mid-epoch position holds
+        only while all of it is unchanged. Shards are compared by file name, so moved data still resumes."""
+        sources, tasks, config = self._train_stream()
+        shards = [[Path(url).name for url in source.urls()] for source in sources]
+        mixture = [[source.weight, source.modality] for source in sources]
+        return {
+            "world_size": self.trainer.world_size if self.trainer else 1,
+            "num_workers": self.hparams.num_workers,
+            "batch_size": config.batch_size,
+            "samples_per_epoch": config.samples_per_epoch,
+            "seed": config.seed,
+            "shuffle_buffer": config.shuffle_buffer,
+            "resampled": config.resampled,
+            "group_by_task": config.group_by_task,
+            "tasks": dict(tasks),
+            "mixture": mixture,
+            "shards": f"{sum(map(len, shards))} shards, sha1 {hashlib.sha1(repr(shards).encode()).hexdigest()[:12]}",
+        }
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(split) for split in self.val_names]
@@ -189,8 +256,8 @@ class ShardDataModule(LightningDataModule):
                            model.image_token if model is not None else None, self.hparams.shots)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
-        epoch = (lambda: self.trainer.current_epoch) if train and self.trainer is not None else None
-        return make_loader(stream, self.hparams.num_workers, epoch, train)
+        position = self._next_position if train and self.trainer is not None else None
+        return make_loader(stream, self.hparams.num_workers, position, train)
 
     def _samples_per_epoch(self, sources: list[ShardSource]) -> int | None:
         """The explicit epoch size per rank; under DDP derived from the manifest so ranks stay in step."""

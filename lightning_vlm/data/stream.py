@@ -7,10 +7,17 @@ Sources of one modality mix sample by sample; sources of different modalities (i
 mix batch by batch, each batch tagged with its ``modality``. The batch-level draw is seeded by the epoch
 alone, so every rank and worker draws the same sequence and the ranks of a step agree on its modality (a
 contrastive loss gathers across ranks only on pairs).
+
+A stream is a pure function of (seed, epoch, rank, worker), so its position is two numbers, `StreamPosition`: the
+epoch and how many of its batches the rank consumed. A resumed run re-derives the epoch and drops the batches
+already trained on before they are tokenised (they are still read and decoded: the shuffle and augmentation draws
+depend on which samples decode). Rebuilding that state beats snapshotting it (shuffle buffers of decoded samples,
+per-worker generators, half-filled task groups): the checkpoint stays small and no worker state crosses processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +53,24 @@ class StreamConfig:
     group_by_task: bool = False
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a training stream (re)starts: its epoch, and how many of that epoch's batches the rank consumed."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class _PendingBatch:
+    """A batch's examples before collation (tokenising is skipped for the batches a resumed run drops)."""
+
+    examples: list[Example]
+    num_skipped: int
+    num_read_errors: int
+    modality: str
+
+
 class ShardStream(IterableDataset):
     """An IterableDataset of collated batches for one rank; workers of the rank share its epoch."""
 
@@ -64,7 +89,7 @@ class ShardStream(IterableDataset):
         self.modalities = [source.modality for source in sources]
         self.transform, self.formatter, self.collate, self.config = transform, formatter, collate, config
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0  # `start`: batches of this epoch the rank already consumed (resumed runs)
 
     def __len__(self) -> int:
         """Batches per rank, when the epoch has an explicit size."""
@@ -74,7 +99,11 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
-        consumer = Consumer(self.rank, self.world_size, worker.id if worker else 0, worker.num_workers if worker else 1)
+        workers = worker.num_workers if worker else 1
+        # The DataLoader takes batches from its workers in turn, from worker 0; a resumed epoch goes on with the
+        # worker whose turn was next, so DataLoader worker j plays the part of worker (j + start) % workers.
+        role = ((worker.id if worker else 0) + self.start) % workers
+        consumer = Consumer(self.rank, self.world_size, role, workers)
         seed = f"{self.config.seed}-{self.epoch}"  # fixed here: the generators below run lazily
         counter = BadDataCounter()
         groups = {m: [i for i, mi in enumerate(self.modalities) if mi == m] for m in dict.fromkeys(self.modalities)}
@@ -83,10 +112,13 @@ class ShardStream(IterableDataset):
         batches = pipelines[0] if len(pipelines) == 1 else _drawn(pipelines, weights, random.Random(seed))
         if self.config.samples_per_epoch is not None:
             batches = _take(batches, _share(len(self), consumer))
-        return batches
+        for pending in itertools.islice(batches, _share(self.start, consumer), None):
+            batch = self.collate(pending.examples, pending.num_skipped, pending.num_read_errors)
+            batch["modality"] = pending.modality
+            yield batch
 
     def _modality_batches(self, modality: str, sources: list[int], consumer: Consumer, counter: BadDataCounter,
-                          seed: str) -> Iterator[dict]:
+                          seed: str) -> Iterator[_PendingBatch]:
         """Batches of the sources of one modality, mixed sample by sample and shuffled."""
         suffix = "" if modality == "pair" else f"-{modality}"  # pairs keep the seed they had before unimodal data
         rng = random.Random(f"{seed}-{consumer.index}{suffix}")
@@ -94,9 +126,8 @@ class ShardStream(IterableDataset):
         if self.config.shuffle_buffer > 1:
             raw = _shuffled(raw, self.config.shuffle_buffer, rng)
         examples = (ex for ex in (self._prepare(r, counter, rng, modality) for r in raw) if ex is not None)
-        for batch in self._batched(examples, counter):
-            batch["modality"] = modality
-            yield batch
+        for examples_of_batch, num_skipped, num_read_errors in self._batched(examples, counter):
+            yield _PendingBatch(examples_of_batch, num_skipped, num_read_errors, modality)
 
     def _mixed(self, sources: list[int], consumer: Consumer, counter: BadDataCounter, rng: random.Random,
                seed: str) -> Iterator[dict]:
@@ -122,8 +153,10 @@ class ShardStream(IterableDataset):
         meta = dict(sample.info, key=sample.key, caption=sample.caption, flipped=flipped, **text.extra)
         return Example(pixels, text, meta)
 
-    def _batched(self, examples: Iterator[Example], counter: BadDataCounter) -> Iterator[dict]:
-        """Full batches, each held back until the next example is read so trailing skips are still reported.
+    def _batched(self, examples: Iterator[Example], counter: BadDataCounter
+                 ) -> Iterator[tuple[list[Example], int, int]]:
+        """Full batches (with the bad data dropped since the previous one), each held back until the next example
+        is read so trailing skips are still reported.
 
         With ``group_by_task`` every batch holds examples of one task (filled side by side, in arrival order), so
         a batch of one-line questions is not padded to a caption's length, as LLaVA groups by modality.
@@ -132,7 +165,7 @@ class ShardStream(IterableDataset):
         ready: list[Example] | None = None
         for example in examples:
             if ready:
-                yield self.collate(ready, *counter.take())
+                yield ready, *counter.take()
                 ready = None
             group = example.text.task if self.config.group_by_task else ""
             filling.setdefault(group, []).append(example)
@@ -140,34 +173,50 @@ class ShardStream(IterableDataset):
                 ready = filling.pop(group)
         partial = [] if self.config.drop_last else list(filling.values())
         for last in ([ready] if ready else []) + partial:  # a held batch leaves no partial one of its task
-            yield self.collate(last, *counter.take())
+            yield last, *counter.take()
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that sets its stream's epoch each time iteration starts, so each epoch reshuffles.
+    """A DataLoader whose every iteration starts where `position()` says, so each epoch reshuffles and a resumed
+    run goes on mid-epoch. Lightning sets the epoch of samplers only, and an IterableDataset has none.
 
-    Lightning sets the epoch of samplers only, and an IterableDataset has none. `epoch` (e.g. the trainer's
-    current epoch, which a resumed run restores) gives the epoch; without it, iterations are counted.
+    The position is read when the first batch is asked for, not when the iterator is made: Lightning makes it
+    before it restores a checkpoint when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``
+    (lightning #20550). Without `position`, iterations are counted as epochs. Workers' seeds come from a generator
+    of the loader's own, so loading data never moves the model's random stream (dropout, masking).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, epoch: Callable[[], int] | None = None) -> None:
+    def __init__(self, stream: ShardStream, num_workers: int,
+                 position: Callable[[], StreamPosition] | None = None) -> None:
         super().__init__(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
-                         pin_memory=torch.cuda.is_available())
-        self.epoch, self.iterations = epoch, 0
+                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+        self.position, self.iterations = position, 0
 
-    def __iter__(self):
-        self.dataset.epoch = self.epoch() if self.epoch is not None else self.iterations
+    def __iter__(self) -> Iterator[dict]:
+        return self._epoch()
+
+    def state_dict(self) -> dict:
+        """Empty: the position is the DataModule's state, which Lightning restores before it makes the iterator
+        (its path for loader states misses #20550's case); defined so Lightning knows this loader resumes."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing: see `state_dict`."""
+
+    def _epoch(self) -> Iterator[dict]:
+        position = self.position() if self.position is not None else StreamPosition(self.iterations)
         self.iterations += 1
-        return super().__iter__()
+        self.dataset.epoch, self.dataset.start = position.epoch, position.batch
+        yield from super().__iter__()
 
 
-def make_loader(stream: ShardStream, num_workers: int, epoch: Callable[[], int] | None = None,
+def make_loader(stream: ShardStream, num_workers: int, position: Callable[[], StreamPosition] | None = None,
                 train: bool = True) -> DataLoader:
     """A loader over pre-batched streams (no sampler, no re-batching); training streams reshuffle per epoch."""
     if train:
-        return EpochLoader(stream, num_workers, epoch)
+        return EpochLoader(stream, num_workers, position)
     return DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())
 
 
 def _as_is(batch: dict) -> dict:

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_vlm.distributed import local_batch
 from lightning_vlm.eval.suite import Evaluator
 from lightning_vlm.losses.output import LossOutput, WeightedLoss
+from lightning_vlm.paradigms.random_state import every_rank_random_state, random_state, set_random_state
 from lightning_vlm.paradigms.weights import WeightsSource, load_weights
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class VLMParadigm(LightningModule):
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
         self.init_from = list(init_from or [])
         self.lr_multipliers: dict[str, float] = dict(lr_multipliers or {})
+        self._restored_random_state: list[dict] | None = None
+        self._training_random_state: dict | None = None
 
     # ---- the one training and evaluation step ----------------------------------------------------------------------
     def model_output(self, batch: dict[str, Any]) -> Any:
@@ -97,6 +100,27 @@ class VLMParadigm(LightningModule):
         for evaluator in self._evaluators.setdefault(dataloader_idx, self.evaluators()):
             if not evaluator.full:
                 evaluator.update(self.model, batch)
+
+    # ---- random state: restored on resume, untouched by evaluation ------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["random_state"] = every_rank_random_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_random_state = checkpoint.get("random_state")
+
+    def on_train_start(self) -> None:
+        """Go on drawing where the checkpoint's run stopped (each rank its own; not across a world size change)."""
+        states, self._restored_random_state = self._restored_random_state, None
+        if states is not None and len(states) == self.trainer.world_size:
+            set_random_state(states[self.global_rank])
+
+    def on_validation_start(self) -> None:
+        """Evaluation draws leave training's random stream where it was, so how often a run validates (or whether
+        a resumed run repeats a validation) never changes what it trains on."""
+        self._training_random_state = random_state()
+
+    def on_validation_end(self) -> None:
+        set_random_state(self._training_random_state)
 
     def on_validation_epoch_end(self) -> None:
         for index, evaluators in sorted(self._evaluators.items()):

@@ -15,8 +15,12 @@ import pytest
 import torch
 import yaml
 from multiprocess.exactness import clip, one_process
+from multiprocess.staged_fit import llava_lora
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_golden_losses import golden_config
+
+from lightning_vlm.callbacks import StagedFreezing
+from lightning_vlm.cli import load_model
 
 SCRIPT = Path(__file__).parent / "multiprocess" / "staged_fit.py"
 EXACTNESS = Path(__file__).parent / "multiprocess" / "exactness.py"
@@ -63,13 +67,34 @@ def test_a_two_rank_run_resumed_mid_epoch_sees_the_same_samples_and_ends_with_th
     assert ranks[0]["whole"] != ranks[1]["whole"]  # each rank reads its own samples
 
 
+def test_fsdp_shards_the_model_and_trains_it_as_ddp_does_through_a_staged_plan(tiny_benchmark, tmp_path):
+    """FSDP2 (FSDP2Strategy, two gloo CPU processes) through a plan that keeps the vision encoder frozen and trains the
+    LM through LoRA from step 3: each rank holds half the weights; the weights equal DDP's on the same data; the
+    frozen encoder is untouched, the adapters trained; the full checkpoint loads strictly into a one-process model."""
+    ranks = fit_two_ranks("fsdp", tiny_benchmark, tmp_path, EXACTNESS)
+    for rank in ranks:
+        held, total = rank["held"]["fsdp"]
+        assert held < 0.55 * total
+    fsdp, ddp = (torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"] for name in ("fsdp", "ddp"))
+    for name, value in ddp.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    torch.manual_seed(0)
+    single, phases, _ = llava_lora(tiny_benchmark)
+    StagedFreezing(phases).apply(single)  # the layout the fit had: LoRA injected
+    initial = {name: value.clone() for name, value in single.state_dict().items()}
+    single.load_state_dict(fsdp)  # strict: every key, no FSDP prefix
+    assert all(torch.equal(fsdp[name], initial[name]) for name in fsdp if name.startswith("model.vision."))
+    assert all(not torch.equal(fsdp[name], initial[name]) for name in fsdp if "lora_B" in name)
+
+
 FAMILIES = ["clip", "flava", "blip2", "llava"]  # contrastive, masked, Q-Former, generative
 
 
-@pytest.mark.parametrize("recipe", FAMILIES)
-def test_each_family_fits_on_two_ranks_with_uneven_shards(recipe, tiny_benchmark, tmp_path):
+@pytest.mark.parametrize("recipe, fragment", [(family, None) for family in FAMILIES] + [("blip2", "fsdp")])
+def test_each_family_fits_on_two_ranks_with_uneven_shards(recipe, fragment, tiny_benchmark, tmp_path):
     """The recipe itself under torchrun: three training shards over two ranks (two and one), a validation whose
-    metrics are gathered over ranks and written once, and not one warning about unsynchronised logging."""
+    metrics are gathered over ranks and written once, and not one warning about unsynchronised logging. BLIP-2 also
+    under the FSDP fragment (bf16 compute), whose checkpoint `load_model` reads back into one process."""
     config = golden_config(RECIPES / f"{recipe}.yaml", tiny_benchmark)
     config["trainer"].update(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_steps=3,
                              val_check_interval=3, limit_val_batches=1)
@@ -78,8 +103,9 @@ def test_each_family_fits_on_two_ranks_with_uneven_shards(recipe, tiny_benchmark
                                        val_splits=["val"], eval_batch_size=16)
     config["model"]["init_args"]["eval_max_samples"] = 32
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
+    strategy = ["--config", str(RECIPES / "strategies" / f"{fragment}.yaml")] if fragment else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "lightning_vlm", "fit", "--config", "recipe.yaml"]
+               "-m", "lightning_vlm", "fit", "--config", "recipe.yaml", *strategy]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     output = result.stdout + result.stderr
@@ -89,3 +115,7 @@ def test_each_family_fits_on_two_ranks_with_uneven_shards(recipe, tiny_benchmark
     events = EventAccumulator(str(run))
     events.Reload()
     assert len(events.Scalars("val/loss")) == 1
+    if fragment:
+        (checkpoint,) = (tmp_path / "checkpoints").rglob("*.ckpt")
+        state = load_model(str(tmp_path / "recipe.yaml"), str(checkpoint)).state_dict()
+        assert state.keys() == torch.load(checkpoint, weights_only=False)["state_dict"].keys()

@@ -17,6 +17,7 @@ from lightning_vlm.distributed import local_batch
 from lightning_vlm.eval.suite import Evaluator
 from lightning_vlm.losses.output import LossOutput, WeightedLoss
 from lightning_vlm.paradigms.random_state import every_rank_random_state, random_state, set_random_state
+from lightning_vlm.paradigms.sharding import shard_model
 from lightning_vlm.paradigms.weights import WeightsSource, load_weights
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class VLMParadigm(LightningModule):
         self.lr_multipliers: dict[str, float] = dict(lr_multipliers or {})
         self._restored_random_state: list[dict] | None = None
         self._training_random_state: dict | None = None
+        self._sharded = False
 
     # ---- the one training and evaluation step ----------------------------------------------------------------------
     def model_output(self, batch: dict[str, Any]) -> Any:
@@ -175,6 +177,14 @@ class VLMParadigm(LightningModule):
         for source in self.init_from:
             load_weights(self, source)
         self.init_from = []  # once: a resumed run restores its own checkpoint afterwards
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (FSDP2, recipes/strategies/fsdp.yaml): shard the model block by block
+        (paradigms/sharding.py)."""
+        if self._device_mesh is None or self._sharded:
+            return
+        shard_model(self.model, self.device_mesh["data_parallel"])
+        self._sharded = True
 
     def configure_optimizers(self):
         total = self.trainer.estimated_stepping_batches

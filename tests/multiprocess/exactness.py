@@ -7,6 +7,9 @@ CASE "resume": a tiny FLAVA fit straight through, then the same fit stopped mid-
 checkpoint (the sample keys of every step on this rank, and the final weights, of both).
 CASE "batch_split": a tiny CLIP fit on this rank's BATCH rows of each global batch, which `one_process` reads
 whole (2 x BATCH rows) in one process.
+CASE "fsdp": a tiny LLaVA through a staged plan (vision frozen; the LM frozen, then trained through LoRA) under
+FSDP2Strategy and under DDP on the same data: both write a full checkpoint (OUT/fsdp.ckpt, OUT/ddp.ckpt); each rank
+saves how much of the FSDP model it holds.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+from multiprocess.staged_fit import llava_lora  # noqa: E402
 from test_masked import build as build_masked  # noqa: E402
 
+from lightning_vlm.callbacks import StagedFreezing  # noqa: E402
 from lightning_vlm.data import ShardDataModule  # noqa: E402
 from lightning_vlm.encoders import TextEncoder, VisionEncoder  # noqa: E402
 from lightning_vlm.losses import CLIPLoss, MaskedModelingLoss  # noqa: E402
 from lightning_vlm.models import DualEncoder  # noqa: E402
 from lightning_vlm.paradigms import Contrastive, MaskedPretraining  # noqa: E402
+from lightning_vlm.paradigms.sharding import FSDP2Strategy  # noqa: E402
 
 BATCH, STEPS, STOP_AT = 4, 3, 7
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -119,7 +125,23 @@ def batch_split(root: str, out: Path) -> dict:
     return {"state": fit_batches(clip(root), [rows(b, rank) for b in global_batches(root)], devices=2)}
 
 
+def fsdp(root: str, out: Path) -> dict:
+    held = {}
+    for name, strategy in [("fsdp", FSDP2Strategy(save_distributed_checkpoint=False)), ("ddp", "ddp")]:
+        torch.manual_seed(0)
+        paradigm, phases, tasks = llava_lora(root)
+        data = ShardDataModule(root=root, tasks=tasks, batch_size=4, num_workers=0)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=5, limit_val_batches=0,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[StagedFreezing(phases)], default_root_dir=out)
+        trainer.fit(paradigm, data)
+        trainer.save_checkpoint(out / f"{name}.ckpt")
+        held[name] = (sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in paradigm.parameters()),
+                      sum(p.numel() for p in paradigm.parameters()))
+    return {"held": held}
+
+
 if __name__ == "__main__":
     case, root, out = sys.argv[1:4]
-    result = {"resume": resume, "batch_split": batch_split}[case](root, Path(out))
+    result = {"resume": resume, "batch_split": batch_split, "fsdp": fsdp}[case](root, Path(out))
     torch.save(result, Path(out) / f"rank{os.environ['RANK']}.pt")

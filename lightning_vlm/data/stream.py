@@ -10,9 +10,10 @@ contrastive loss gathers across ranks only on pairs).
 
 A stream is a pure function of (seed, epoch, rank, worker), so its position is two numbers, `StreamPosition`: the
 epoch and how many of its batches the rank consumed. A resumed run re-derives the epoch and drops the batches
-already trained on before they are tokenised (they are still read and decoded: the shuffle and augmentation draws
-depend on which samples decode). Rebuilding that state beats snapshotting it (shuffle buffers of decoded samples,
-per-worker generators, half-filled task groups): the checkpoint stays small and no worker state crosses processes.
+already trained on (read and prepared again: the shuffle and augmentation draws depend on which samples decode, so
+replaying is what keeps them exact; it costs what reading them cost). Rebuilding that state rather than snapshotting
+it (shuffle buffers of decoded samples, per-worker generators, half-filled task groups) keeps checkpoints small and
+no worker state crosses processes.
 """
 
 from __future__ import annotations
@@ -61,16 +62,6 @@ class StreamPosition:
     batch: int = 0
 
 
-@dataclass
-class _PendingBatch:
-    """A batch's examples before collation (tokenising is skipped for the batches a resumed run drops)."""
-
-    examples: list[Example]
-    num_skipped: int
-    num_read_errors: int
-    modality: str
-
-
 class ShardStream(IterableDataset):
     """An IterableDataset of collated batches for one rank; workers of the rank share its epoch."""
 
@@ -112,13 +103,10 @@ class ShardStream(IterableDataset):
         batches = pipelines[0] if len(pipelines) == 1 else _drawn(pipelines, weights, random.Random(seed))
         if self.config.samples_per_epoch is not None:
             batches = _take(batches, _share(len(self), consumer))
-        for pending in itertools.islice(batches, _share(self.start, consumer), None):
-            batch = self.collate(pending.examples, pending.num_skipped, pending.num_read_errors)
-            batch["modality"] = pending.modality
-            yield batch
+        return itertools.islice(batches, _share(self.start, consumer), None)
 
     def _modality_batches(self, modality: str, sources: list[int], consumer: Consumer, counter: BadDataCounter,
-                          seed: str) -> Iterator[_PendingBatch]:
+                          seed: str) -> Iterator[dict]:
         """Batches of the sources of one modality, mixed sample by sample and shuffled."""
         suffix = "" if modality == "pair" else f"-{modality}"  # pairs keep the seed they had before unimodal data
         rng = random.Random(f"{seed}-{consumer.index}{suffix}")
@@ -126,8 +114,9 @@ class ShardStream(IterableDataset):
         if self.config.shuffle_buffer > 1:
             raw = _shuffled(raw, self.config.shuffle_buffer, rng)
         examples = (ex for ex in (self._prepare(r, counter, rng, modality) for r in raw) if ex is not None)
-        for examples_of_batch, num_skipped, num_read_errors in self._batched(examples, counter):
-            yield _PendingBatch(examples_of_batch, num_skipped, num_read_errors, modality)
+        for batch in self._batched(examples, counter):
+            batch["modality"] = modality
+            yield batch
 
     def _mixed(self, sources: list[int], consumer: Consumer, counter: BadDataCounter, rng: random.Random,
                seed: str) -> Iterator[dict]:
@@ -153,10 +142,8 @@ class ShardStream(IterableDataset):
         meta = dict(sample.info, key=sample.key, caption=sample.caption, flipped=flipped, **text.extra)
         return Example(pixels, text, meta)
 
-    def _batched(self, examples: Iterator[Example], counter: BadDataCounter
-                 ) -> Iterator[tuple[list[Example], int, int]]:
-        """Full batches (with the bad data dropped since the previous one), each held back until the next example
-        is read so trailing skips are still reported.
+    def _batched(self, examples: Iterator[Example], counter: BadDataCounter) -> Iterator[dict]:
+        """Full batches, each held back until the next example is read so trailing skips are still reported.
 
         With ``group_by_task`` every batch holds examples of one task (filled side by side, in arrival order), so
         a batch of one-line questions is not padded to a caption's length, as LLaVA groups by modality.
@@ -165,7 +152,7 @@ class ShardStream(IterableDataset):
         ready: list[Example] | None = None
         for example in examples:
             if ready:
-                yield ready, *counter.take()
+                yield self.collate(ready, *counter.take())
                 ready = None
             group = example.text.task if self.config.group_by_task else ""
             filling.setdefault(group, []).append(example)
@@ -173,7 +160,7 @@ class ShardStream(IterableDataset):
                 ready = filling.pop(group)
         partial = [] if self.config.drop_last else list(filling.values())
         for last in ([ready] if ready else []) + partial:  # a held batch leaves no partial one of its task
-            yield last, *counter.take()
+            yield self.collate(last, *counter.take())
 
 
 class EpochLoader(DataLoader):

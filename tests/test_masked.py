@@ -179,7 +179,7 @@ def test_overfits_one_batch(kind, tiny_benchmark):
     batch = next(iter(ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1}, batch_size=16).train_dataloader()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)  # as the contrastive overfit test
     history = []
-    for _ in range(80):
+    for _ in range(100):
         losses = loss_fn(model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
         optimizer.zero_grad()
         losses.total.backward()

@@ -14,21 +14,30 @@ from typing import Any
 import torch
 import yaml
 from lightning import LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_vlm.callbacks import AtomicCheckpointIO, BadDataLogger, SampleImageLogger
+from lightning_vlm.callbacks import AtomicCheckpointIO, BadDataLogger, BudgetMeter, SampleImageLogger
 from lightning_vlm.data.datamodule import ensure_default_benchmark
 
 
 def trainer_defaults() -> dict:
-    """TensorBoard logging to runs/, the callbacks every run has (a recipe's callbacks come on top), and
-    checkpoints written atomically."""
+    """TensorBoard logging to runs/, the callbacks every run has (a recipe's callbacks come on top: what the run
+    spent, its throughput, LRs, samples, bad data), and checkpoints written atomically."""
+    throughput = ThroughputMonitor(batch_size_fn=samples_in, length_fn=text_tokens_in)
     return {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-        "callbacks": [LearningRateMonitor(), SampleImageLogger(), BadDataLogger()],
+        "callbacks": [LearningRateMonitor(), SampleImageLogger(), BadDataLogger(), BudgetMeter(), throughput],
         "plugins": [AtomicCheckpointIO()],
     }
+
+
+def samples_in(batch: dict) -> int:
+    return len(batch["meta"])
+
+
+def text_tokens_in(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
 
 
 class VLMCLI(LightningCLI):
@@ -143,5 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         return weights_main(words[1:])
     if words[:1] == ["retention"]:
         return retention_main(words[1:])
+
     run_cli(argv)
     return 0

@@ -1,7 +1,7 @@
 """DESIGN's layer order holds: imports only point down (tokens/distributed -> encoders -> adapters -> models ->
-losses -> data -> paradigms, callbacks, eval -> cli), the parts (encoders, adapters, models, losses) import neither
-lightning nor the data pipeline, and no two subpackages import each other, even through others. Read from the
-source with ast, every import counted (a function's lazy one too)."""
+losses -> data -> paradigms, callbacks, eval -> cli -> compare, __main__), the parts (encoders, adapters, models,
+losses) import neither lightning nor the data pipeline, and no two subpackages import each other, even through
+others. Read from the source with ast, every import counted (a function's lazy one too)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ LAYERS = [
     {"losses"},
     {"data"},
     {"paradigms", "callbacks", "eval"},
-    {"cli", "__main__"},
+    {"cli"},
+    {"compare", "__main__"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 PARTS = {"encoders", "adapters", "models", "losses"}

@@ -2,7 +2,8 @@
 
 from lightning_vlm.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from lightning_vlm.callbacks.bad_data import BadDataLogger
+from lightning_vlm.callbacks.budget import BudgetMeter
 from lightning_vlm.callbacks.sample_logger import SampleImageLogger
 from lightning_vlm.callbacks.staged_freezing import Phase, StagedFreezing
 
-__all__ = ["AtomicCheckpointIO", "BadDataLogger", "Phase", "SampleImageLogger", "StagedFreezing"]
+__all__ = ["AtomicCheckpointIO", "BadDataLogger", "BudgetMeter", "Phase", "SampleImageLogger", "StagedFreezing"]

@@ -19,6 +19,8 @@ class GenerationEvaluator:
     """Accumulates up to ``max_samples`` (task, target, generated) triples, the text from ``answer(batch)`` (each
     sample's reply to its own prompt); ``compute`` scores them. An `Evaluator`."""
 
+    groups = ("vqa", "captioning", "grounding")
+
     def __init__(self, answer: Callable[[dict[str, Any]], list[str]], max_samples: int | None = None) -> None:
         self.answer = answer
         self.max_samples = max_samples

@@ -43,7 +43,10 @@ class Retriever(Protocol):
 
 class Evaluator(Protocol):
     """What a paradigm keeps per eval split (`VLMParadigm.evaluators`): fed every batch until `full`, then computed
-    into ``{split}/{metric}`` values and reset for the next evaluation."""
+    into ``{split}/{metric}`` values and reset for the next evaluation. `groups` names the yardstick groups its
+    metrics belong to (lightning_vlm/compare/config.py)."""
+
+    groups: tuple[str, ...]
 
     @property
     def full(self) -> bool: ...
@@ -64,6 +67,8 @@ class ContrastiveEvaluator:
     prompts to the captions' wording with the other attributes (and the written word) filled in
     (`caption_templates`), a class scoring its best template; given templates are averaged, as CLIP does.
     """
+
+    groups = ("retrieval", "zero_shot", "binding")
 
     def __init__(
         self,

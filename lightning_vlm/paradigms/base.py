@@ -59,6 +59,7 @@ class VLMParadigm(LightningModule):
         self._restored_random_state: list[dict] | None = None
         self._training_random_state: dict | None = None
         self._sharded = False
+        self.flops_per_batch: int | None = None  # measured by BudgetMeter, read by Lightning's ThroughputMonitor
 
     # ---- the one training and evaluation step ----------------------------------------------------------------------
     def model_output(self, batch: dict[str, Any]) -> Any:

@@ -62,8 +62,9 @@ class BudgetMeter(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.totals["wall_s"] += time.perf_counter() - self._started
         self._started = time.perf_counter()
+        log_dir = trainer.log_dir or trainer.default_root_dir  # on every rank: Lightning broadcasts it
+        path = Path(self.path or Path(log_dir) / "budget.json")
         if trainer.is_global_zero:
-            path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "budget.json")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.summary(pl_module), indent=1))
 

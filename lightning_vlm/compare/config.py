@@ -41,13 +41,15 @@ class Entry:
 @dataclass
 class Comparison:
     """Entries trained on `samples` training samples each (the matched budget; FLOPs, wall time and memory are
-    reported), once per seed, and scored on the `yardstick`'s groups over the data's test splits."""
+    reported), once per seed, and scored on the `yardstick`'s groups over the data's test splits: every entry must
+    answer those; groups in `also` are reported for the entries that answer them."""
 
     name: str
     entries: list[Entry]
     samples: int
     seeds: list[int] = field(default_factory=lambda: [0])
     yardstick: list[str] = field(default_factory=lambda: ["retrieval", "zero_shot", "vqa", "captioning"])
+    also: list[str] = field(default_factory=list)
     headline: str | None = None
     eval_max_samples: int = 500
     root: Path = Path(".")
@@ -57,7 +59,7 @@ class Comparison:
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise ValueError(f"comparison {self.name!r}: entry labels must differ, repeated: {duplicates}")
-        unknown = sorted(set(self.yardstick) - set(GROUPS))
+        unknown = sorted((set(self.yardstick) | set(self.also)) - set(GROUPS))
         if unknown:
             raise ValueError(f"comparison {self.name!r}: unknown metric group(s) {unknown}; known: {sorted(GROUPS)}")
         missing = [entry.recipe for entry in self.entries if not self.recipe_path(entry).is_file()]

@@ -29,7 +29,7 @@ def collect(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> list[
             for name, value in metrics.items():
                 split, _, metric = name.rpartition("/")
                 group = group_of(metric)
-                if split and group in comparison.yardstick:
+                if split and group in comparison.yardstick + comparison.also:
                     rows.append({"entry": entry.label, "seed": seed, "split": split, "metric": metric,
                                  "group": group, "value": value})
             budget_path = out / "tb" / entry.label / f"seed{seed}" / "budget.json"
@@ -54,13 +54,15 @@ def write_report(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> 
     lines = [f"# Comparison `{comparison.name}`", "",
              f"{comparison.samples} training samples per entry, seeds {comparison.seeds}; mean ± std over seeds, "
              "the best per column in **bold**.", ""]
-    for group in [*comparison.yardstick, "budget"]:
+    for group in [*comparison.yardstick, *comparison.also, "budget"]:
         columns = sorted(column for g, column in values if g == group)
         if columns:
             lines += [f"## {group}", "", *_table(entries, columns, {c: values[(group, c)] for c in columns},
                                                 mark_best=group != "budget"), ""]
-    ranks = average_ranks(entries, {key: per_entry for key, per_entry in values.items() if key[0] != "budget"})
-    lines += ["## Average rank (over every yardstick column; 1 is best)", "", "| entry | rank |", "| --- | --- |",
+    ranks = average_ranks(entries, {key: per_entry for key, per_entry in values.items()
+                                    if key[0] in comparison.yardstick})
+    lines += ["## Average rank (over the yardstick's columns, which every entry answers; 1 is best)", "",
+              "| entry | rank |", "| --- | --- |",
               *[f"| {entry} | {rank:.2f} |" for entry, rank in sorted(ranks.items(), key=lambda item: item[1])], ""]
     report = out / "results.md"
     report.write_text("\n".join(lines))
@@ -114,11 +116,11 @@ def draw_figures(comparison: Comparison, out: Path, values: dict[tuple[str, str]
     import matplotlib.pyplot as plt
 
     entries = [entry.label for entry in comparison.entries]
-    for group in comparison.yardstick:
+    for group in comparison.yardstick + comparison.also:
         columns = sorted(column for g, column in values if g == group)
         if not columns:
             continue
-        figure, axes = plt.subplots(figsize=(max(4.0, 0.9 * len(columns) * len(entries) ** 0.5 + 2), 3.2))
+        figure, axes = plt.subplots(figsize=(min(12.0, 2.0 + 1.1 * len(columns)), 3.8))
         width = 0.8 / len(entries)
         for index, entry in enumerate(entries):
             seen = [values[(group, c)].get(entry) or [float("nan")] for c in columns]
@@ -143,7 +145,11 @@ def draw_figures(comparison: Comparison, out: Path, values: dict[tuple[str, str]
                 axes.errorbar(statistics.fmean(flops[entry]), statistics.fmean(scores[entry]),
                               yerr=statistics.stdev(scores[entry]) if len(scores[entry]) > 1 else 0, fmt="o",
                               label=entry)
-        axes.set_xscale("log")
+        spent = [value for entry in entries for value in flops.get(entry, [])]
+        if max(spent) > 10 * min(spent):
+            axes.set_xscale("log")
+        else:
+            axes.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         axes.set_xlabel("training FLOPs")
         axes.set_ylabel(headline)
         axes.legend(fontsize=7)

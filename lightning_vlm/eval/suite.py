@@ -4,6 +4,7 @@ Any `Retriever` is scored the same way; every evaluator a paradigm keeps per spl
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -153,36 +154,58 @@ class ContrastiveEvaluator:
         return binding_accuracy(scores[:, 0], scores[:, 1], kinds)
 
     def _zero_shot(self, model: Any, images: Repr, attribute: str) -> dict[str, float]:
-        """Zero-shot accuracy on the images whose objects all share one value of ``attribute``, and their number;
-        then the same on those of them that hold several objects (``_multi``), where a one-object prompt describes
-        only part of the scene (docs/results/contrastive.md, "Where Llip falls short")."""
-        labels = [shared_value(meta.get("objects", []), attribute) for meta in self.metas]
-        rows = [i for i, label in enumerate(labels) if label is not None]
-        if not rows:
+        """Zero-shot accuracy of `zero_shot_task`'s images by embedding similarity."""
+        task = zero_shot_task(self.metas, attribute, self.classes[attribute], self.templates[attribute])
+        if task is None:
             return {}
-        objects = [obj for meta in self.metas for obj in meta.get("objects", [])]
-        words = [meta["word"] for meta in self.metas if meta.get("word")]
-        templates = self.templates[attribute]
-        classes = list(self.classes[attribute] or sorted({obj[attribute] for obj in objects}))
-        device = device_of(images)
-        predictions = zero_shot_predictions(
-            model,
-            self.tokenize,
-            select_rows(images, torch.tensor(rows, device=device)),
-            classes,
-            templates or caption_templates(attribute, objects, words),
-            self.chunk_size,
-            reduction="mean" if templates else "max",
-        )
-        target = torch.tensor([classes.index(labels[i]) for i in rows], device=device)
-        multi = torch.tensor([len(self.metas[i]["objects"]) > 1 for i in rows], device=device)
-        metrics = {f"zeroshot_{attribute}": prediction_accuracy(predictions, target, len(classes)),
-                   f"zeroshot_{attribute}_n": float(len(rows))}
+        rows = select_rows(images, torch.tensor(task.rows, device=device_of(images)))
+        predictions = zero_shot_predictions(model, self.tokenize, rows, task.classes, task.templates, self.chunk_size,
+                                            task.reduction)
+        return task.metrics(predictions)
+
+
+@dataclass
+class ZeroShotTask:
+    """One zero-shot question over a set of samples: the rows whose objects all share one value of `attribute`
+    (their `target` class), the classes, the candidate templates and how a class combines its templates ("max" for
+    the benchmark's own wording, whose other attributes must not vote; "mean" for given templates, as CLIP)."""
+
+    attribute: str
+    rows: list[int]
+    target: list[int]
+    multi: list[bool]
+    classes: list[str]
+    templates: list[str]
+    reduction: str
+
+    def metrics(self, predictions: Tensor) -> dict[str, float]:
+        """Accuracy and count, then the same on the rows holding several objects (``_multi``), where a one-object
+        prompt describes only part of the scene (docs/results/contrastive.md, "Where Llip falls short")."""
+        target = torch.tensor(self.target, device=predictions.device)
+        multi = torch.tensor(self.multi, device=predictions.device)
+        name = f"zeroshot_{self.attribute}"
+        metrics = {name: prediction_accuracy(predictions, target, len(self.classes)), f"{name}_n": float(len(target))}
         if multi.any():
-            multi_accuracy = prediction_accuracy(predictions[multi], target[multi], len(classes))
-            metrics[f"zeroshot_{attribute}_multi"] = multi_accuracy
-            metrics[f"zeroshot_{attribute}_multi_n"] = float(multi.sum())
+            metrics[f"{name}_multi"] = prediction_accuracy(predictions[multi], target[multi], len(self.classes))
+            metrics[f"{name}_multi_n"] = float(multi.sum())
         return metrics
+
+
+def zero_shot_task(metas: Sequence[dict[str, Any]], attribute: str, classes: Sequence[str] | None = None,
+                   templates: Sequence[str] | None = None) -> ZeroShotTask | None:
+    """The zero-shot question about `attribute` that `metas` support (None when no sample has one value of it):
+    classes default to the values seen, templates to the captions' wording (`caption_templates`)."""
+    labels = [shared_value(meta.get("objects", []), attribute) for meta in metas]
+    rows = [i for i, label in enumerate(labels) if label is not None]
+    if not rows:
+        return None
+    objects = [obj for meta in metas for obj in meta.get("objects", [])]
+    words = [meta["word"] for meta in metas if meta.get("word")]
+    names = list(classes or sorted({obj[attribute] for obj in objects}))
+    return ZeroShotTask(attribute, rows, [names.index(labels[i]) for i in rows],
+                        [len(metas[i]["objects"]) > 1 for i in rows], names,
+                        list(templates or caption_templates(attribute, objects, words)),
+                        "mean" if templates else "max")
 
 
 def move_repr(repr_: Repr, device: torch.device | str) -> Repr:

@@ -42,6 +42,16 @@ def next_token_loss(out: NextTokenOutput, reduction: Reduction = "token", label_
     return (per_row[counts > 0] / counts[counts > 0]).mean()
 
 
+def sequence_log_likelihood(out: NextTokenOutput) -> Tensor:
+    """Each row's summed log-probability of its labelled tokens (B,): how likely a candidate text is, given what
+    precedes it (a generative model's zero-shot score, eval/likelihood.py)."""
+    targets, keep = shift_labels(out.labels)
+    labelled = out.hidden[:, :-1][keep]
+    logits = (labelled if out.head is None else out.head(labelled)).float()
+    token_log_probs = -F.cross_entropy(logits, targets[keep], reduction="none")
+    return token_log_probs.new_zeros(len(keep)).index_add(0, keep.nonzero()[:, 0], token_log_probs)
+
+
 class NextTokenLoss(WeightedLoss):
     """The language-modelling loss of the generative family: term "lm" (`next_token_loss`)."""
 

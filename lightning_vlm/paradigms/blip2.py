@@ -100,7 +100,7 @@ class BLIP2Paradigm(ImageToText):
     def evaluators(self) -> list[Evaluator]:
         """Retrieval, zero-shot and binding by ITC, image->text recall after ITM re-ranking, and generation."""
         retrieval = ITMReranking(self.qformer_tokenize, self.rerank_k, max_samples=self.eval_max_samples)
-        return [retrieval, *super().evaluators()]
+        return [retrieval, *self.generation_evaluators()]
 
 
 class ITMReranking(ContrastiveEvaluator):

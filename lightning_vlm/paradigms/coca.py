@@ -32,4 +32,4 @@ class CoCaParadigm(ImageToText):
 
     def evaluators(self) -> list[Evaluator]:
         retrieval = ContrastiveEvaluator(Collator(self.caption_tokenizer).tokenize, self.eval_max_samples)
-        return [retrieval, *super().evaluators()]
+        return [retrieval, *self.generation_evaluators()]

@@ -16,14 +16,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lightning_vlm.data.collate import Collator
+from lightning_vlm.data.collate import Collator, Example
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.transforms import ImageTransform
 from lightning_vlm.encoders.lm import NextTokenOutput
 from lightning_vlm.eval.generation import GenerationEvaluator
+from lightning_vlm.eval.likelihood import LikelihoodZeroShot
 from lightning_vlm.eval.suite import Evaluator
 from lightning_vlm.losses import NextTokenLoss, WeightedLoss
+from lightning_vlm.losses.language import sequence_log_likelihood
 from lightning_vlm.models.visual_prompt import VisualPromptLM
 from lightning_vlm.paradigms.base import VLMParadigm
 from lightning_vlm.tokens import IMAGE_TOKEN
@@ -54,10 +56,17 @@ class ImageToText(VLMParadigm):
                           batch.get("image_index"))
 
     def evaluators(self) -> list[Evaluator]:
-        """Generated captions and answers, scored (none without a language model: a stage-1 BLIP-2)."""
+        """Generated captions and answers scored, and zero-shot colour and shape by caption likelihood (on at most
+        200 images: each costs a forward pass per candidate); none without a language model."""
         if self.model.language_model is None:
             return []
-        return [GenerationEvaluator(self._answers, self.eval_max_samples)]
+        zero_shot = LikelihoodZeroShot(self.caption_log_likelihoods, min(self.eval_max_samples or 200, 200))
+        return [*self.generation_evaluators(), zero_shot]
+
+    def generation_evaluators(self) -> list[Evaluator]:
+        """Generated captions and answers scored; none without a language model (a family that also embeds,
+        BLIP-2 or CoCa, answers zero-shot by its embeddings instead of by likelihood)."""
+        return [GenerationEvaluator(self._answers, self.eval_max_samples)] if self.model.language_model else []
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Generated text for every sample, from its own prompt (a caption prompt or a question)."""
@@ -92,6 +101,22 @@ class ImageToText(VLMParadigm):
         num_beams for beam search, do_sample with top_p for nucleus sampling)."""
         return self._generate(pixel_values, [TextExample("vqa", p, "", system=system) for p in prompts], None,
                               **generation)
+
+    @torch.no_grad()
+    def caption_log_likelihoods(self, pixel_values: Tensor, captions: Sequence[Sequence[str]], prompt: str = "",
+                                chunk_size: int = 128) -> Tensor:
+        """(N, C): the log-likelihood of each image's C candidate captions given the image and the caption prompt,
+        summed over the caption's tokens and its end token (eval/likelihood.py)."""
+        collate = Collator(self.tokenizer, image_token=self.image_token)
+        pairs = [(image, caption) for image, candidates in enumerate(captions) for caption in candidates]
+        scores = []
+        for start in range(0, len(pairs), chunk_size):
+            examples = [Example(pixel_values[image], TextExample("caption", prompt, caption))
+                        for image, caption in pairs[start:start + chunk_size]]
+            batch = {key: value.to(self.device) if isinstance(value, Tensor) else value
+                     for key, value in collate(examples).items()}
+            scores.append(sequence_log_likelihood(self.model_output(batch)))
+        return torch.cat(scores).view(len(captions), -1)
 
     def _answers(self, batch: dict) -> list[str]:
         """Generated replies to every sample's own last prompt, after its earlier turns (a chat's, a few-shot

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, Th
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_vlm.callbacks import AtomicCheckpointIO, BadDataLogger, BudgetMeter, SampleImageLogger
+from lightning_vlm.callbacks.progress import LineProgress
 from lightning_vlm.data.datamodule import ensure_default_benchmark
 
 
@@ -58,9 +59,14 @@ class VLMCLI(LightningCLI):
             ensure_default_benchmark(root)
 
     def instantiate_trainer(self, **kwargs):
-        """Add the rich progress bar unless the run turned progress bars off."""
-        if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is not False:
-            self.trainer_defaults.setdefault("callbacks", []).append(RichProgressBar())
+        """The rich progress bar on a terminal, plain progress lines otherwise (unless progress bars are off); the
+        default callbacks that need a logger step aside when the run has none (``--trainer.logger false``)."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = self.trainer_defaults.setdefault("callbacks", [])
+        if trainer.get("enable_progress_bar") is not False:
+            callbacks.append(RichProgressBar() if sys.stdout.isatty() else LineProgress())
+        if trainer.get("logger") is False:
+            callbacks[:] = [c for c in callbacks if not isinstance(c, LearningRateMonitor | SampleImageLogger)]
         return super().instantiate_trainer(**kwargs)
 
 

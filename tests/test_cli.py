@@ -44,6 +44,26 @@ def test_recipe_fast_dev_run(recipe, tiny_benchmark, tmp_path, monkeypatch):
     assert cli.trainer.state.finished
 
 
+def test_without_a_logger_or_a_terminal_a_fit_prints_plain_progress_lines(tiny_benchmark, tmp_path, monkeypatch,
+                                                                          capsys):
+    """``--trainer.logger false`` trains (the callbacks that need a logger step aside), and with stdout not a
+    terminal (as under pytest) progress comes as one line every log_every_n_steps steps, and one per validation."""
+    monkeypatch.chdir(tmp_path)
+    recipe = RECIPES[0].parent / "clip.yaml"
+    args = ["--data.init_args.root", tiny_benchmark, *tokenizer_overrides(tiny_benchmark, recipe),
+            "--model.init_args.init_from", "[]", "--data.init_args.batch_size", "8", "--data.init_args.num_workers",
+            "0", "--model.init_args.eval_max_samples", "16", "--trainer.max_steps", "4", "--trainer.log_every_n_steps",
+            "2", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1", "--trainer.logger", "false"]
+    cli = run_cli(["fit", "--config", str(recipe), *args])
+    assert cli.trainer.global_step == 4 and cli.trainer.logger is None
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in progress] == ["step 2/4", "step 4/4"]
+    assert all(" samples/s | loss " in line and " | ETA " in line for line in progress)
+    (validation,) = [line for line in lines if line.startswith("validation at step 4: ")]
+    assert "val/loss" in validation
+
+
 def test_configs_compose_later_files_win(tmp_path, capsys):
     override = tmp_path / "override.yaml"
     override.write_text("data:\n  init_args:\n    batch_size: 7\ntrainer:\n  max_steps: 3\n")

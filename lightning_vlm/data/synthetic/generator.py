@@ -6,6 +6,7 @@ same bytes whatever the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -22,15 +23,20 @@ from webdataset import TarWriter
 from lightning_vlm.data.sources import MANIFEST
 from lightning_vlm.data.synthetic.language import caption, hard_negatives, questions
 from lightning_vlm.data.synthetic.render import encode_jpeg, render
-from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, sample_scene
+from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, Scene, sample_scene
+from lightning_vlm.data.synthetic.style import DEFAULT_STYLE, Style, sample_style
 from lightning_vlm.data.synthetic.tokenizer import train_tokenizer
 from lightning_vlm.tokens import TOKENIZER_FILE
 
 VERSION = "synthetic-v1"
 DEFAULT_ROOT = Path("data/synthetic")
-DEFAULT_SIZES: Mapping[str, int] = MappingProxyType({"train": 50000, "val": 1000, "test": 1000, "compositional": 1000})
+DEFAULT_SIZES: Mapping[str, int] = MappingProxyType(
+    {"train": 50000, "val": 1000, "test": 1000, "compositional": 1000, "style_shift": 1000}
+)
 COMPOSITIONAL = "compositional"  # the split whose every scene holds a held-out colour-shape pair
+STYLE_SHIFT = "style_shift"  # the split drawn in styles never used for the others (style.sample_style)
 TOKENIZER_SPLIT = "train"
+_STYLED_SCENE_TRIES = 10
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,8 @@ def generate_benchmark(
 def make_sample(seed: int, split: str, index: int, image_size: int = 64, with_text: bool = True) -> dict[str, Any]:
     """One webdataset sample (`__key__`, `jpg`, `txt`, `json` as bytes), a pure function of its arguments."""
     rng = random.Random(f"{seed}/{split}/{index}")
-    scene = sample_scene(rng, image_size, with_text, compositional=split == COMPOSITIONAL)
+    style = sample_style(rng) if split == STYLE_SHIFT else DEFAULT_STYLE
+    scene = _sample_scene(rng, image_size, with_text, split, style)
     text = caption(scene)
     record = {
         "objects": [asdict(obj) for obj in scene.objects],
@@ -116,10 +123,20 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 64, with_te
     }
     return {
         "__key__": f"{split}-{index:07d}",
-        "jpg": encode_jpeg(render(scene)),
+        "jpg": encode_jpeg(render(scene, style)),
         "txt": text.encode(),
         "json": json.dumps(record).encode(),
     }
+
+
+def _sample_scene(rng: random.Random, image_size: int, with_text: bool, split: str, style: Style) -> Scene:
+    """The split's scene; a shifted style's larger objects may not fit, so its scene is drawn again (from the same
+    rng, so still a pure function of the seed) until they do."""
+    draw = lambda: sample_scene(rng, image_size, with_text, compositional=split == COMPOSITIONAL, fractions=style.sizes)
+    for _ in range(0 if style == DEFAULT_STYLE else _STYLED_SCENE_TRIES - 1):
+        with contextlib.suppress(ValueError):
+            return draw()
+    return draw()
 
 
 def _write_shard(shard: _Shard) -> tuple[_Shard, list[str]]:

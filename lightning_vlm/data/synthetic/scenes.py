@@ -6,6 +6,7 @@ A scene is pure geometry (names and pixel boxes); `render` draws it and `languag
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 Box = tuple[int, int, int, int]
@@ -60,9 +61,16 @@ class Scene:
 
 
 def sample_scene(
-    rng: random.Random, image_size: int = 64, with_text: bool = True, compositional: bool = False
+    rng: random.Random,
+    image_size: int = 64,
+    with_text: bool = True,
+    compositional: bool = False,
+    fractions: Mapping[str, float] = SIZES,
 ) -> Scene:
-    """Sample 1-4 objects (and maybe a word) at non-overlapping positions; `compositional` forces a held-out pair."""
+    """Sample 1-4 objects (and maybe a word) at non-overlapping positions; `compositional` forces a held-out pair.
+
+    `fractions` gives each size name's side as a fraction of the image (another style draws them at other sizes).
+    """
     allowed = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT]
     n = rng.randint(1, MAX_OBJECTS)
     combos = [rng.choice(allowed) for _ in range(n)]
@@ -70,7 +78,7 @@ def sample_scene(
         combos[rng.randrange(n)] = rng.choice(HELD_OUT)
     sizes = [rng.choice(list(SIZES)) for _ in range(n)]
     word = rng.choice(WORDS) if with_text and rng.random() < WORD_PROBABILITY else None
-    extents = [(round(SIZES[z] * image_size),) * 2 for z in sizes]
+    extents = [(round(fractions[z] * image_size),) * 2 for z in sizes]
     if word is not None:
         extents.append((round(len(word) * WORD_CHAR_WIDTH * image_size), round(WORD_HEIGHT * image_size)))
     boxes = _place(rng, extents, image_size)

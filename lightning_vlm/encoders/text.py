@@ -11,7 +11,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_vlm.pretrained import load_pretrained
+from lightning_vlm.pretrained import from_hub_or_prepared
 from lightning_vlm.tokens import load_tokenizer
 
 TINY_BERT: dict[str, Any] = {
@@ -39,7 +39,7 @@ def load_text_encoder(
     if name_or_path is not None:
         if config is not None:
             raise ValueError("give either name_or_path or config, not both")
-        model = load_pretrained(transformers.AutoModel.from_pretrained, name_or_path, add_pooling_layer=False)
+        model = from_hub_or_prepared(transformers.AutoModel.from_pretrained, name_or_path, add_pooling_layer=False)
         if vocab_size is not None and vocab_size != model.config.vocab_size:
             model.resize_token_embeddings(vocab_size)
         return model, loaded

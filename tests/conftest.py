@@ -11,12 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY_SIZES = {"train": 256, "val": 64, "test": 64, "compositional": 64}
+TINY_SIZES = {"train": 256, "val": 64, "test": 64, "compositional": 64, "style_shift": 64}
 
 
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory) -> str:
-    """A 448-sample benchmark (64 samples per shard, so train has 4 shards) shared by the session's tests."""
+    """A 512-sample benchmark (64 samples per shard, so train has 4 shards) shared by the session's tests."""
     from lightning_vlm.data.synthetic import generate_benchmark
 
     root = tmp_path_factory.mktemp("bench") / "synthetic"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import random
 import re
@@ -12,13 +14,25 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from lightning_vlm.data import datamodule
 from lightning_vlm.data.synthetic import generate_benchmark
+from lightning_vlm.data.synthetic.generator import STYLE_SHIFT, add_splits, make_sample
 from lightning_vlm.data.synthetic.language import OPPOSITE, caption, clauses, hard_negatives, holds, questions
 from lightning_vlm.data.synthetic.render import render
 from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, Scene, SceneObject, sample_scene
+from lightning_vlm.data.synthetic.scenes import SIZES as FRACTIONS
+from lightning_vlm.data.synthetic.style import (
+    DEFAULT_STYLE,
+    HUE_JITTER,
+    SHIFTED_SIZES,
+    VALUE_JITTER,
+    jitter,
+    nearest_color,
+    sample_style,
+)
 from lightning_vlm.tokens import load_tokenizer
 
-SIZES = {"train": 40, "val": 40, "test": 40, "compositional": 40}
+SIZES = {"train": 40, "val": 40, "test": 40, "compositional": 40, "style_shift": 40}
 OBJECT = re.compile(r"a (small|large) (\w+) (\w+)")
 SPATIAL = re.compile(r"Is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?")
 
@@ -57,7 +71,8 @@ def test_same_seed_same_bytes_whatever_the_workers(root: Path, tmp_path: Path) -
 def test_other_seed_other_bytes(root: Path, tmp_path: Path) -> None:
     other = _files(_generate(tmp_path / "c", seed=1, num_workers=1))
     assert other.keys() == _files(root).keys()
-    assert other["train/shard-000000.tar"] != _files(root)["train/shard-000000.tar"]
+    for shard in ("train/shard-000000.tar", "style_shift/shard-000000.tar"):
+        assert other[shard] != _files(root)[shard]
 
 
 def test_manifest(root: Path) -> None:
@@ -176,3 +191,54 @@ def test_tokenizer_round_trip(root: Path, samples: dict[str, list[dict]]) -> Non
             ids = tokenizer(text)["input_ids"]
             assert tokenizer.unk_token_id not in ids and not set(ids) & set(special)
             assert tokenizer.decode(ids) == text.lower()
+
+
+def test_default_style_keeps_train_bytes(scenes: list[Scene]) -> None:
+    """Golden losses depend on train's bytes: the default style draws exactly what was drawn before styles."""
+    jpgs = [hashlib.sha256(make_sample(0, "train", i)["jpg"]).hexdigest()[:16] for i in range(3)]
+    assert jpgs == ["b782d6c584b58e45", "65de931e478086de", "ed48cb4a40dce556"]
+    assert all(render(s).tobytes() == render(s, DEFAULT_STYLE).tobytes() for s in scenes[:20])
+
+
+def test_style_shift_shares_no_image_with_train(scenes: list[Scene]) -> None:
+    images = {split: [make_sample(0, split, i)["jpg"] for i in range(200)] for split in ("train", STYLE_SHIFT)}
+    pixels = {split: {Image.open(io.BytesIO(jpg)).tobytes() for jpg in jpgs} for split, jpgs in images.items()}
+    assert not set(images["train"]) & set(images[STYLE_SHIFT]) and not pixels["train"] & pixels[STYLE_SHIFT]
+    rng = random.Random(0)
+    assert all(render(s).tobytes() != render(s, sample_style(rng)).tobytes() for s in scenes[:50])  # same scene
+
+
+def test_jitter_keeps_the_nearest_colour_name() -> None:
+    for name, rgb in COLORS.items():
+        for hue, value in itertools.product([-1, -0.5, 0, 0.5, 1], repeat=2):
+            assert nearest_color(jitter(rgb, hue * HUE_JITTER, 1 + value * VALUE_JITTER)) == name
+
+
+def test_style_shift_labels_stay_true(samples: dict[str, list[dict]]) -> None:
+    """Objects read as their colour name through blur, noise and JPEG, and sizes are other than train's."""
+    sides = {split: {"small": set(), "large": set()} for split in ("train", STYLE_SHIFT)}
+    for split in sides:
+        for sample in samples[split]:
+            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+            for obj in json.loads(sample["json"])["objects"]:
+                x0, y0, x1, y1 = obj["box"]
+                sides[split][obj["size"]].add(x1 - x0)
+                if obj["size"] == "large":
+                    assert nearest_color(image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))) == obj["color"]
+    assert sides["train"] == {size: {round(FRACTIONS[size] * 64)} for size in FRACTIONS}
+    for size, (low, high) in SHIFTED_SIZES.items():
+        assert all(round(low * 64) <= side <= round(high * 64) for side in sides[STYLE_SHIFT][size])
+        assert not sides[STYLE_SHIFT][size] & sides["train"][size]
+
+
+def test_missing_default_split_is_added_as_if_generated_with_it(root: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    older = {split: n for split, n in SIZES.items() if split != STYLE_SHIFT}
+    generate_benchmark("data/synthetic", older, seed=0, samples_per_shard=16, num_workers=0)
+    monkeypatch.setattr(datamodule, "add_splits", lambda at: add_splits(at, SIZES, samples_per_shard=16))
+    datamodule.ensure_default_benchmark("data/synthetic")
+    assert "lacks the split(s) style_shift" in capsys.readouterr().out
+    assert _files(tmp_path / "data/synthetic") == _files(root)  # shards and manifest
+    generate_benchmark(tmp_path / "elsewhere", older, seed=0, samples_per_shard=16, num_workers=0)
+    datamodule.ensure_default_benchmark(tmp_path / "elsewhere")  # not the default place: left as it is
+    assert not (tmp_path / "elsewhere" / STYLE_SHIFT).exists()

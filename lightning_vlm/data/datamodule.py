@@ -31,6 +31,7 @@ from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.sources import MANIFEST, ShardSource, as_sources, read_manifest
 from lightning_vlm.data.stream import EpochLoader, ShardStream, StreamConfig, StreamPosition, make_loader
 from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
+from lightning_vlm.data.synthetic.generator import add_splits, missing_splits
 from lightning_vlm.data.tasks import TaskFormatter
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from lightning_vlm.tokens import load_tokenizer, location_tokens
@@ -86,7 +87,7 @@ class ShardDataModule(LightningDataModule):
         root: str = str(DEFAULT_ROOT),
         train: str | list[str] | list[ShardSource] | None = None,
         val_splits: list[str] = ["val"],  # noqa: B006 - jsonargparse needs a literal default
-        test_splits: list[str] = ["test", "compositional"],  # noqa: B006
+        test_splits: list[str] = ["test", "compositional", "style_shift"],  # noqa: B006
         tasks: dict[str, float] = {"caption": 1.0},  # noqa: B006
         eval_tasks: dict[str, float] | None = None,
         tokenizer: str | None = None,
@@ -308,20 +309,25 @@ def _require_count(sources: list[ShardSource]) -> int:
 
 
 def ensure_default_benchmark(root: str | Path, wait_s: float = 600.0) -> None:
-    """Generate the synthetic benchmark at its default place if that is where `root` points and it is absent.
+    """Generate the synthetic benchmark at its default place if that is where `root` points and it is absent, or
+    add the default splits it lacks (a benchmark generated before they existed).
 
-    One process generates (global rank 0, into a temporary folder renamed when complete); the other ranks of a
-    multi-process launch wait for it.
+    One process generates (global rank 0, into a temporary folder renamed when complete, or new splits' shards
+    then the manifest, replaced atomically); the other ranks of a multi-process launch wait for it.
     """
     root = Path(root)
-    if root.resolve() != DEFAULT_ROOT.resolve() or (root / MANIFEST).is_file():
+    if root.resolve() != DEFAULT_ROOT.resolve() or not missing_splits(root):
         return
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         deadline = time.monotonic() + wait_s
-        while not (root / MANIFEST).is_file():
+        while missing_splits(root):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank 0 did not finish generating {root} within {wait_s:.0f} s")
             time.sleep(1.0)
+        return
+    if (root / MANIFEST).is_file():
+        print(f"[lightning_vlm] {root} lacks the split(s) {', '.join(missing_splits(root))}: generating them there")
+        add_splits(root)
         return
     print(f"[lightning_vlm] {root} is missing: generating the synthetic benchmark there first")
     partial = root.with_name(root.name + ".partial")

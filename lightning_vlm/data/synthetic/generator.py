@@ -20,7 +20,7 @@ from typing import Any
 
 from webdataset import TarWriter
 
-from lightning_vlm.data.sources import MANIFEST
+from lightning_vlm.data.sources import MANIFEST, read_manifest
 from lightning_vlm.data.synthetic.language import caption, hard_negatives, questions
 from lightning_vlm.data.synthetic.render import encode_jpeg, render
 from lightning_vlm.data.synthetic.scenes import COLORS, HELD_OUT, SHAPES, SIZES, WORDS, Scene, sample_scene
@@ -69,7 +69,76 @@ def generate_benchmark(
 
     `num_workers` processes write shards in parallel (None: one per CPU; 0 or 1: in this process).
     """
-    root = Path(out)
+    root, began = Path(out), time.perf_counter()
+    shard_names, texts = _write_splits(root, sizes, seed, image_size, with_text, samples_per_shard, num_workers)
+    all_texts = [t for split_texts in texts.values() for t in split_texts]
+    train_tokenizer(texts.get(TOKENIZER_SPLIT) or all_texts, root / TOKENIZER_FILE)
+    manifest = {
+        "version": VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "with_text": with_text,
+        "counts": dict(sizes),
+        "splits": shard_names,
+        "tokenizer": TOKENIZER_FILE,
+        "colors": list(COLORS),
+        "shapes": list(SHAPES),
+        "sizes": list(SIZES),
+        "words": list(WORDS),
+        "held_out_combinations": [list(pair) for pair in HELD_OUT],
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {sum(sizes.values())} samples and {TOKENIZER_FILE} to {root} ({time.perf_counter() - began:.1f}s)")
+    return manifest
+
+
+def missing_splits(root: str | Path, sizes: Mapping[str, int] = DEFAULT_SIZES) -> list[str]:
+    """The splits of `sizes` that the benchmark at `root` does not list (all of them where it has no manifest)."""
+    manifest = read_manifest(root)
+    return [split for split in sizes if manifest is None or split not in manifest["splits"]]
+
+
+def add_splits(
+    root: str | Path,
+    sizes: Mapping[str, int] = DEFAULT_SIZES,
+    samples_per_shard: int = 1000,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Write the splits of `sizes` that the benchmark at `root` lacks (one generated before they existed), from its
+    manifest's seed, image size and text setting, and list them in a manifest replaced atomically; return it.
+
+    The tokenizer and the other splits stay as they are, so runs trained on them remain comparable.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"{root} has no {MANIFEST}: generate the benchmark there first")
+    missing = {split: sizes[split] for split in missing_splits(root, sizes)}
+    if not missing:
+        return manifest
+    seed, image_size, with_text = manifest["seed"], manifest["image_size"], manifest["with_text"]
+    shard_names, _ = _write_splits(root, missing, seed, image_size, with_text, samples_per_shard, num_workers)
+    manifest["counts"] = manifest["counts"] | missing
+    manifest["splits"] = manifest["splits"] | shard_names
+    partial = root / f"{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(partial, root / MANIFEST)
+    return manifest
+
+
+def _write_splits(
+    root: Path,
+    sizes: Mapping[str, int],
+    seed: int,
+    image_size: int,
+    with_text: bool,
+    samples_per_shard: int,
+    num_workers: int | None,
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Write the shards of every split of `sizes` under `root`; return each split's shard names and texts.
+
+    `num_workers` processes write shards in parallel (None: one per CPU; 0 or 1: in this process).
+    """
     shards = [
         _Shard(root, split, k, start, min(start + samples_per_shard, n), seed, image_size, with_text)
         for split, n in sizes.items()
@@ -85,25 +154,7 @@ def generate_benchmark(
         if shard.stop == sizes[shard.split]:
             elapsed = time.perf_counter() - began
             print(f"{shard.split}: {shard.stop} samples in {shard.index + 1} shards ({elapsed:.1f}s)", flush=True)
-    all_texts = [t for split_texts in texts.values() for t in split_texts]
-    train_tokenizer(texts.get(TOKENIZER_SPLIT) or all_texts, root / TOKENIZER_FILE)
-    manifest = {
-        "version": VERSION,
-        "seed": seed,
-        "image_size": image_size,
-        "with_text": with_text,
-        "counts": dict(sizes),
-        "splits": {split: [s.name for s in shards if s.split == split] for split in sizes},
-        "tokenizer": TOKENIZER_FILE,
-        "colors": list(COLORS),
-        "shapes": list(SHAPES),
-        "sizes": list(SIZES),
-        "words": list(WORDS),
-        "held_out_combinations": [list(pair) for pair in HELD_OUT],
-    }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {sum(sizes.values())} samples and {TOKENIZER_FILE} to {root} ({time.perf_counter() - began:.1f}s)")
-    return manifest
+    return {split: [s.name for s in shards if s.split == split] for split in sizes}, texts
 
 
 def make_sample(seed: int, split: str, index: int, image_size: int = 64, with_text: bool = True) -> dict[str, Any]:

@@ -31,9 +31,10 @@ class Contrastive(VLMParadigm):
         return [ContrastiveEvaluator(Collator(self.tokenizer).tokenize, max_samples=self.eval_max_samples)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Image and caption representations of a batch, keyed by sample, for retrieval indexes."""
-        return {"keys": [m["key"] for m in batch["meta"]], "images": self.model.encode_images(batch["pixel_values"]),
-                "texts": self.model.encode_texts(batch["input_ids"], batch["attention_mask"])}
+        """Image and caption representations of a batch, keyed by sample, for retrieval indexes: ``key`` per sample,
+        ``image`` and ``text`` (N, E) tensors (what `PredictionWriter` keeps as safetensors)."""
+        return {"key": [m["key"] for m in batch["meta"]], "image": self.model.encode_images(batch["pixel_values"]),
+                "text": self.model.encode_texts(batch["input_ids"], batch["attention_mask"])}
 
     @property
     def tokenizer(self):

@@ -69,9 +69,10 @@ class ImageToText(VLMParadigm):
         return [GenerationEvaluator(self._answers, self.eval_max_samples)] if self.model.language_model else []
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Generated text for every sample, from its own prompt (a caption prompt or a question)."""
-        return {"keys": [m["key"] for m in batch["meta"]], "prompts": [m["prompt"] for m in batch["meta"]],
-                "generated": self._answers(batch)}
+        """Generated text for every sample, from its own prompt (a caption prompt or a question): one row per
+        sample of ``key``, ``prompt`` and ``answer`` (what `PredictionWriter` keeps as JSONL)."""
+        return {"key": [m["key"] for m in batch["meta"]], "prompt": [m["prompt"] for m in batch["meta"]],
+                "answer": self._answers(batch)}
 
     # ---- generation -----------------------------------------------------------------------------------------------
     @torch.no_grad()

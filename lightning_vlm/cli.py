@@ -147,6 +147,65 @@ def retention_main(argv: list[str]) -> int:
     return 0
 
 
+def chat_main(argv: list[str]) -> int:
+    """``chat``: a trained recipe talks about one image (lightning_vlm/chat.py): answers --prompt, or a conversation
+    read from stdin without it; a model that embeds images and texts scores --labels zero-shot instead."""
+    import argparse
+
+    from lightning_vlm import chat
+    from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+    from lightning_vlm.export import read_checkpoint, require_recipe, restore
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_vlm chat", description=chat_main.__doc__)
+    parser.add_argument("--config", required=True, help="the recipe the model was trained with")
+    parser.add_argument("--checkpoint", required=True, help="its trained weights (.ckpt)")
+    parser.add_argument("--image", required=True, help="the image to talk about")
+    ask = parser.add_mutually_exclusive_group()
+    ask.add_argument("--prompt", help="one question or instruction (without it: a conversation, an empty line ends)")
+    ask.add_argument("--labels", help="comma-separated texts to score: 'a red circle,a blue square'")
+    args = parser.parse_args(argv)
+    image = chat.read_image(args.image)
+    saved = read_checkpoint(require_recipe(args.config) and args.checkpoint)
+    model, datamodule = load_run(args.config)
+    chat.check_request(model, labels=args.labels is not None)
+    restore(model, saved)
+    data = datamodule.hparams
+    pixels = chat.image_pixels(image, ImageTransform(data.image_size, data.image_mean or CLIP_MEAN,
+                                                     data.image_std or CLIP_STD))
+    if args.labels is not None:
+        for label, probability in chat.zero_shot(model, pixels, [t.strip() for t in args.labels.split(",")]):
+            print(f"{probability:.3f}  {label}")
+    elif args.prompt is not None:
+        print(chat.reply(model, pixels, args.prompt))
+    else:
+        print(f"talking about {args.image}: type a question, an empty line ends", file=sys.stderr)
+        chat.converse(model, pixels, sys.stdin, print)
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    """``export``: a trained recipe as a self-contained folder (lightning_vlm/export.py) that
+    ``lightning_vlm.load_pretrained(DIR)`` loads without the recipe, the data or a hub."""
+    import argparse
+
+    from lightning_vlm.export import export, model_card, read_checkpoint, require_recipe, restore
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_vlm export", description=export_main.__doc__)
+    parser.add_argument("--config", required=True, help="the recipe the model was trained with")
+    parser.add_argument("--checkpoint", required=True, help="its trained weights (.ckpt)")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    args = parser.parse_args(argv)
+    saved = read_checkpoint(require_recipe(args.config) and args.checkpoint)
+    model = load_model(args.config)
+    restore(model, saved)
+    recipe = read_recipe(args.config)
+    logger = (recipe.get("trainer") or {}).get("logger", trainer_defaults()["logger"])
+    log_root = logger["init_args"].get("save_dir") if isinstance(logger, dict) else None
+    card = model_card(recipe, args.config, args.checkpoint, saved, log_root)
+    print(f"exported to {export(model, recipe, args.out, card)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lightning_vlm``: ``data ...`` goes to the data tools, the rest to LightningCLI."""
     words = sys.argv[1:] if argv is None else argv
@@ -158,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         return weights_main(words[1:])
     if words[:1] == ["retention"]:
         return retention_main(words[1:])
+    if words[:1] == ["chat"]:
+        return chat_main(words[1:])
+    if words[:1] == ["export"]:
+        return export_main(words[1:])
 
     run_cli(argv)
     return 0

@@ -7,6 +7,8 @@ tools.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,12 @@ import torch
 import yaml
 from lightning import LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_vlm.callbacks import AtomicCheckpointIO, BadDataLogger, BudgetMeter, SampleImageLogger
 from lightning_vlm.callbacks.progress import LineProgress
 from lightning_vlm.data.datamodule import ensure_default_benchmark
+from lightning_vlm.errors import MissingInputError, UsageError
 
 
 def trainer_defaults() -> dict:
@@ -51,12 +54,23 @@ class VLMCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(**kwargs)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--prerequisites", choices=["train", "fail"], default="train",
+                            help="when a checkpoint that model.init_args.init_from starts from is missing: train "
+                                 "the recipe that makes it (its made_by) first, or fail naming the command")
+
     def before_instantiate_classes(self) -> None:
-        """Make the default synthetic benchmark before the model reads its tokenizer, if a recipe needs it."""
+        """Make the default synthetic benchmark before the model reads its tokenizer, if a recipe needs it, and the
+        checkpoints the recipe starts from, if missing (`ensure_prerequisites`)."""
         config = self.config.get(self.config.subcommand) if self.subcommand else self.config
         root = (config.get("data") or {}).get("init_args", {}).get("root")
         if root is not None:
             ensure_default_benchmark(root)
+            if not Path(root).exists():
+                raise MissingInputError(f"no dataset at {root}: generate one (python -m lightning_vlm data synth "
+                                        f"--out {root}) or convert yours (python -m lightning_vlm data convert ...)")
+        init_from = ((config.get("model") or {}).get("init_args") or {}).get("init_from") or []
+        ensure_prerequisites(init_from, train=config.get("prerequisites") != "fail")
 
     def instantiate_trainer(self, **kwargs):
         """The rich progress bar on a terminal, plain progress lines otherwise (unless progress bars are off); the
@@ -68,6 +82,32 @@ class VLMCLI(LightningCLI):
         if trainer.get("logger") is False:
             callbacks[:] = [c for c in callbacks if not isinstance(c, LearningRateMonitor | SampleImageLogger)]
         return super().instantiate_trainer(**kwargs)
+
+
+def ensure_prerequisites(sources: list, train: bool = True) -> None:
+    """Train, one after the other, the recipes whose runs write the missing checkpoints `sources` (init_from
+    entries) start from, each an ordinary ``fit`` with its own logs (and its own prerequisites); with `train` False,
+    or under a multi-process launch, where every process would train it, fail naming the command instead."""
+    for source in sources:
+        path, made_by = Path(_field(source, "path")), _field(source, "made_by")
+        if path.is_file() or made_by is None:
+            continue  # present, or nothing names its maker: `load_weights` says what is missing
+        command = [sys.executable, "-m", "lightning_vlm", "fit", "--config", made_by]
+        if not train or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MissingInputError(f"{path} is missing; it is made by `python -m lightning_vlm fit --config "
+                                    f"{made_by}`: run that first (or, in one process, drop --prerequisites fail)")
+        print(f"[lightning_vlm] {path} is missing: training {made_by}, which makes it, first", flush=True)
+        if subprocess.run(command).returncode != 0:
+            raise UsageError(f"the prerequisite run `python -m lightning_vlm fit --config {made_by}` failed; see its "
+                             "output above")
+        if not path.is_file():
+            raise MissingInputError(f"{made_by} trained but wrote no {path}: fix that init_from entry's made_by")
+        print(f"[lightning_vlm] {made_by} done; going on", flush=True)
+
+
+def _field(source: Any, name: str) -> Any:
+    """A field of an init_from entry, parsed (a Namespace or a mapping) or built (a `WeightsSource`)."""
+    return source.get(name) if hasattr(source, "get") else getattr(source, name, None)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -90,11 +130,20 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 def load_model(config: str, checkpoint: str | None = None, *overrides: str) -> LightningModule:
     """The paradigm a recipe describes, with a checkpoint's weights when given (for notebooks and scripts);
     the recipe's ``init_from`` is skipped, since the checkpoint holds every weight."""
+    return load_run(config, checkpoint, *overrides)[0]
+
+
+def load_run(config: str, checkpoint: str | None = None, *overrides: str) -> tuple[LightningModule, Any]:
+    """`load_model`'s paradigm (in eval mode) and the recipe's DataModule, which normalises images as that model
+    expects without a trainer to introduce them."""
     args = ["--config", config, "--model.init_args.init_from", "[]", "--trainer.logger", "false", *overrides]
-    model = VLMCLI(args=args, run=False, trainer_defaults={}).model
+    cli = VLMCLI(args=args, run=False, trainer_defaults={})
+    model, datamodule = cli.model, cli.datamodule
     if checkpoint is not None:
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    return model.eval()
+    datamodule.hparams.image_mean = datamodule.hparams.image_mean or model.image_mean
+    datamodule.hparams.image_std = datamodule.hparams.image_std or model.image_std
+    return model.eval(), datamodule
 
 
 def run_cli(args: list[str] | None = None) -> VLMCLI:
@@ -144,6 +193,38 @@ def retention_main(argv: list[str]) -> int:
                    for q, a in zip(probe.questions, probe.answers)]
         with open(args.out, "w") as f:
             json.dump({**metrics, "questions": answers}, f, indent=1)
+    return 0
+
+
+def probe_main(argv: list[str]) -> int:
+    """``probe``: the frozen-feature probe (eval/probe.py) of a trained recipe's image encoder, per skill, on the
+    recipe's test splits (or those given)."""
+    import argparse
+    import json
+
+    from lightning_vlm.eval.probe import encode_split, probe_skills
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_vlm probe", description=probe_main.__doc__)
+    parser.add_argument("--config", required=True, help="the recipe that trained the image encoder")
+    parser.add_argument("--checkpoint", help="its trained weights (default: the recipe's initial weights)")
+    parser.add_argument("--images", type=int, default=4000, help="training images the probe learns from")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--eval-images", type=int, help="images scored per split (default: all)")
+    parser.add_argument("--splits", nargs="+", help="splits scored (default: the recipe's test splits)")
+    parser.add_argument("--out", help="write the metrics to this json file")
+    args = parser.parse_args(argv)
+    model, datamodule = load_run(args.config, args.checkpoint)
+    vision = model.model.vision
+    train = encode_split(vision, datamodule.eval_loader("train"), args.images)
+    evaluated = {split: encode_split(vision, datamodule.eval_loader(split), args.eval_images)
+                 for split in args.splits or datamodule.test_names}
+    metrics = probe_skills(train, evaluated, args.epochs)
+    for name, value in metrics.items():
+        if name + "_n" in metrics:
+            print(f"{name} {value:.3f} (commonest answer {metrics[name + '_prior']:.3f}; {metrics[name + '_n']:.0f} "
+                  "questions)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return 0
 
 
@@ -207,7 +288,33 @@ def export_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m lightning_vlm``: ``data ...`` goes to the data tools, the rest to LightningCLI."""
+    """Entry point of ``python -m lightning_vlm``; an expected mistake (`UsageError`) ends in its one line on stderr
+    and exit status 2, not a traceback."""
+    try:
+        return run_command(argv)
+    except Exception as err:  # noqa: BLE001 - an expected mistake may arrive wrapped by jsonargparse's instantiation
+        mistake = expected_mistake(err)
+        if mistake is None:
+            raise
+        print(f"error: {mistake}", file=sys.stderr)
+        return 2
+
+
+def expected_mistake(err: BaseException) -> UsageError | None:
+    """The `UsageError` behind an exception: itself, or one it was raised from (jsonargparse re-raises what a
+    constructor raised as its own ValueError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UsageError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    """``data ...`` goes to the data tools; ``weights``, ``retention``, ``chat``, ``export`` and ``probe`` to
+    theirs; the rest to LightningCLI (`argv` None: the process arguments)."""
     words = sys.argv[1:] if argv is None else argv
     if words[:1] == ["data"]:
         from lightning_vlm.data.tools.cli import main as data_main
@@ -221,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return chat_main(words[1:])
     if words[:1] == ["export"]:
         return export_main(words[1:])
+    if words[:1] == ["probe"]:
+        return probe_main(words[1:])
 
     run_cli(argv)
     return 0

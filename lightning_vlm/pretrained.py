@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from lightning_vlm.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -102,8 +104,8 @@ def from_hub_or_prepared(loader: Callable[..., T], name_or_path: str, **kwargs) 
                         prepared_path(name_or_path), what)
             return loader(str(prepared_path(name_or_path)), **kwargs)
         if name_or_path in PACKAGED:
-            raise OSError(f"{name_or_path} cannot be loaded from the hub and has no prepared copy in "
-                          f"{cache_dir()}: run `{PREPARE_COMMAND}`") from err
+            raise MissingInputError(f"{name_or_path} cannot be loaded from the hub and has no prepared copy in "
+                                    f"{cache_dir()}: run `{PREPARE_COMMAND}`") from err
         raise
 
 

@@ -4,6 +4,7 @@ rerun skips the cells already done, and a config that cannot be answered fails b
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -14,14 +15,17 @@ import pytest
 import yaml
 
 from lightning_vlm.compare import compare_main
+from lightning_vlm.compare.config import Comparison, Entry
+from lightning_vlm.compare.report import write_report
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 FAST = {"data.init_args.batch_size": 8, "data.init_args.num_workers": 0, "trainer.precision": "32-true"}
 
 
 def comparison(workdir: Path, **changes) -> Path:
-    config = {"name": "tiny", "budget": {"samples": 24}, "seeds": [0], "yardstick": ["retrieval", "zero_shot"],
-              "headline": "test/i2t_r1", "eval_max_samples": 32,
+    config = {"name": "tiny", "budget": {"samples": 24}, "seeds": [0],
+              "yardstick": ["retrieval", "zero_shot", "probe"], "headline": "test/i2t_r1", "eval_max_samples": 32,
+              "probe": {"images": 32, "epochs": 1, "eval_images": 16},
               "entries": [{"label": "CLIP", "recipe": str(RECIPES / "clip.yaml"), "overrides": FAST},
                           {"label": "SigLIP", "recipe": str(RECIPES / "siglip.yaml"), "overrides": FAST}]}
     config.update(changes)
@@ -53,6 +57,7 @@ def test_compare_trains_scores_and_reports_every_entry_then_a_rerun_skips_them(w
     for entry in ("CLIP", "SigLIP"):
         mine = {(row["split"], row["metric"]): float(row["value"]) for row in rows if row["entry"] == entry}
         assert 0.0 <= mine[("test", "i2t_r1")] <= 1.0 and ("compositional", "zeroshot_color") in mine
+        assert 0.0 <= mine[("compositional", "probe_count")] <= 1.0 and ("test", "probe_color") in mine
         assert mine[("train", "samples")] == 24 and mine[("train", "steps")] == 3
         assert mine[("train", "train_flops")] > 0 and mine[("train", "trainable_params")] > 0
     report = (out / "results.md").read_text()
@@ -79,3 +84,22 @@ def test_a_config_that_cannot_be_answered_fails_before_training_naming_why(workd
     printed = capsys.readouterr().out.strip()
     assert len(printed.splitlines()) == 1 and re.search(message, printed), printed
     assert not (workdir / "out" / "cells").exists()
+
+
+def test_blind_rows_sit_under_their_entry_unranked_and_never_marked_best(tmp_path):
+    entries = [Entry("llava", "recipes/llava.yaml"), Entry("clip", "recipes/clip.yaml")]
+    comparison = Comparison("mixed", entries, samples=8, yardstick=["zero_shot"], also=["vqa"],
+                            root=RECIPES.parent)
+    cells = {"llava": ({"test/zeroshot_color": 0.5, "test/vqa_color": 0.4}, {"test/vqa_color": 0.9}),
+             "clip": ({"test/zeroshot_color": 0.7}, None)}
+    for label, (metrics, blind) in cells.items():
+        cell = tmp_path / "cells" / f"{label}-seed0"
+        cell.mkdir(parents=True)
+        (cell / "metrics.json").write_text(json.dumps(metrics))
+        if blind is not None:
+            (cell / "blind.json").write_text(json.dumps(blind))
+    report = write_report(comparison, tmp_path, {f"{e.label}-seed0": {"status": "done"} for e in entries})
+    text = report.read_text()
+    assert "| llava | **0.4** |\n| llava (blind) | 0.9 |\n| clip | — |" in text  # bold goes to a real entry
+    ranks = text.split("Average rank")[1]
+    assert "| clip | 1.00 |" in ranks and "| llava | 2.00 |" in ranks and "blind" not in ranks

@@ -188,5 +188,6 @@ def test_cli_synth_calls_the_generator(tmp_path: Path, monkeypatch: pytest.Monke
                         types.SimpleNamespace(generate_benchmark=generate_benchmark))
     assert main(["synth", "--out", str(tmp_path), "--train", "5", "--val", "2", "--test", "2",
                  "--compositional", "1", "--seed", "3", "--image-size", "32", "--no-text", "--workers", "2"]) == 0
-    assert calls == [{"sizes": {"train": 5, "val": 2, "test": 2, "compositional": 1}, "seed": 3, "image_size": 32,
+    assert calls == [{"sizes": {"train": 5, "val": 2, "test": 2, "compositional": 1, "style_shift": 1000}, "seed": 3,
+                      "image_size": 32,
                       "with_text": False, "samples_per_shard": 1000, "num_workers": 2}]

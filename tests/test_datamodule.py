@@ -121,6 +121,15 @@ def test_hard_negatives_are_the_samples_own_swaps_in_training_only(tiny_benchmar
     assert "negative_input_ids" not in next(iter(dm.val_dataloader()[0]))  # eval losses stay the plain ones
 
 
+def test_blind_evaluation_zeroes_every_image_and_keeps_the_text_while_training_sees_images(tiny_benchmark):
+    seeing = ShardDataModule(root=tiny_benchmark, tasks={"vqa": 1.0}, batch_size=16)
+    blind = ShardDataModule(root=tiny_benchmark, tasks={"vqa": 1.0}, batch_size=16, blind=True)
+    seen, unseen = next(iter(seeing.eval_loader("val"))), next(iter(blind.eval_loader("val")))
+    assert seen["pixel_values"].abs().sum() > 0 and torch.count_nonzero(unseen["pixel_values"]) == 0
+    assert torch.equal(seen["input_ids"], unseen["input_ids"]) and torch.equal(seen["labels"], unseen["labels"])
+    assert torch.count_nonzero(next(iter(blind.train_dataloader()))["pixel_values"]) > 0
+
+
 def test_object_captions_caption_a_scene_of_several_objects_by_one_of_them_in_training_only(tiny_benchmark):
     dm = ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1.0}, batch_size=32, object_captions=1.0,
                          hard_negatives=2, hflip=0.5)

@@ -22,7 +22,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_synth_fit_and_resume_from_the_command_line(tmp_path):
     data = tmp_path / "bench"
     run("data", "synth", "--out", str(data), "--train", "256", "--val", "64", "--test", "64",
-        "--compositional", "64", "--samples-per-shard", "64", cwd=tmp_path)
+        "--compositional", "64", "--style-shift", "64", "--samples-per-shard", "64", cwd=tmp_path)
     common = ["--config", str(RECIPE), "--data.init_args.root", str(data),
               "--model.init_args.model.init_args.text.init_args.tokenizer", str(data),
               "--data.init_args.batch_size", "16", "--data.init_args.eval_batch_size", "32",

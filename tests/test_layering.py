@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "lightning_vlm"
 LAYERS = [
-    {"tokens", "distributed", "pretrained", "allocator"},
+    {"tokens", "distributed", "pretrained", "allocator", "errors"},
     {"encoders"},
     {"adapters"},
     {"models"},

@@ -4,6 +4,7 @@ machine runs a cell as it runs any recipe, and a crash in one cell leaves the ot
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -89,16 +90,32 @@ def train_cell(config_path: Path, cell: Path) -> None:
     _run(["fit", "--config", str(config_path), *resume], cell / "fit.log")
 
 
-def test_cell(config_path: Path, cell: Path) -> dict[str, float]:
-    """Score the cell's final weights on the data's test splits; the metrics every evaluator logged."""
+def test_cell(config_path: Path, cell: Path, log: str = "test.log") -> None:
+    """Score the cell's final weights on the data's test splits (its MetricsWriter keeps what was logged)."""
     _run(["test", "--config", str(config_path), "--ckpt_path", str(cell / "final.ckpt"),
-          "--model.init_args.init_from", "[]"], cell / "test.log")
-    return json.loads((cell / "metrics.json").read_text())
+          "--model.init_args.init_from", "[]"], cell / log)
 
 
-def write_config(config: dict, cell: Path) -> Path:
+def blind_config(config: dict, cell: Path) -> dict:
+    """The cell scored with its evaluation images zeroed, its metrics written to ``blind.json``."""
+    blind = copy.deepcopy(config)
+    blind["data"]["init_args"]["blind"] = True
+    for callback in blind["trainer"]["callbacks"]:
+        if callback["class_path"].endswith(".MetricsWriter"):
+            callback["init_args"]["path"] = str(cell / "blind.json")
+    return blind
+
+
+def probe_cell(config_path: Path, cell: Path, probe: dict[str, int]) -> None:
+    """The frozen-feature probe of the cell's final image encoder on the test splits, into ``probe.json``."""
+    _run(["probe", "--config", str(config_path), "--checkpoint", str(cell / "final.ckpt"),
+          *[arg for key, value in probe.items() for arg in (f"--{key.replace('_', '-')}", str(value))],
+          "--out", str(cell / "probe.json")], cell / "probe.log")
+
+
+def write_config(config: dict, cell: Path, name: str = "config.yaml") -> Path:
     cell.mkdir(parents=True, exist_ok=True)
-    path = cell / "config.yaml"
+    path = cell / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 

@@ -18,6 +18,7 @@ GROUPS = {
     "vqa": re.compile(r"^vqa_"),
     "captioning": re.compile(r"^(cider_d|bleu4)$"),
     "grounding": re.compile(r"^grounding_"),
+    "probe": re.compile(r"^probe_(color|shape|count|spatial|text|existence)$"),
     "loss": re.compile(r"^loss$"),
 }
 # The eval task a generative group needs in the entry's data (retrieval and zero-shot read every sample).
@@ -42,7 +43,9 @@ class Entry:
 class Comparison:
     """Entries trained on `samples` training samples each (the matched budget; FLOPs, wall time and memory are
     reported), once per seed, and scored on the `yardstick`'s groups over the data's test splits: every entry must
-    answer those; groups in `also` are reported for the entries that answer them."""
+    answer those; groups in `also` are reported for the entries that answer them. The ``probe`` group trains the
+    frozen-feature probe (eval/probe.py) on `probe`'s images and epochs; `blind` adds, for each entry that writes
+    text, a row scored with its images zeroed."""
 
     name: str
     entries: list[Entry]
@@ -52,6 +55,8 @@ class Comparison:
     also: list[str] = field(default_factory=list)
     headline: str | None = None
     eval_max_samples: int = 500
+    probe: dict[str, int] = field(default_factory=lambda: {"images": 4000, "epochs": 20})
+    blind: bool = True
     root: Path = Path(".")
 
     def __post_init__(self) -> None:

@@ -17,21 +17,29 @@ BUDGET = ["samples", "text_tokens", "steps", "trainable_params", "total_params",
 LOWER_IS_BETTER = {"loss"}
 
 
+def blind_label(label: str) -> str:
+    return f"{label} (blind)"
+
+
 def collect(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> list[dict]:
-    """Rows (entry, seed, split, metric, group, value) of every done cell: its yardstick metrics and its budget."""
+    """Rows (entry, seed, split, metric, group, value) of every done cell: its yardstick metrics (the test run's,
+    the probe's) and its budget, and its blind control's metrics under the entry's blind label."""
     rows = []
     for entry in comparison.entries:
         for seed in comparison.seeds:
             cell = f"{entry.label}-seed{seed}"
             if ledger.get(cell, {}).get("status") != "done":
                 continue
-            metrics = json.loads((out / "cells" / cell / "metrics.json").read_text())
-            for name, value in metrics.items():
-                split, _, metric = name.rpartition("/")
-                group = group_of(metric)
-                if split and group in comparison.yardstick + comparison.also:
-                    rows.append({"entry": entry.label, "seed": seed, "split": split, "metric": metric,
-                                 "group": group, "value": value})
+            for file, label in (("metrics.json", entry.label), ("probe.json", entry.label),
+                                ("blind.json", blind_label(entry.label))):
+                path = out / "cells" / cell / file
+                metrics = json.loads(path.read_text()) if path.is_file() else {}
+                for name, value in metrics.items():
+                    split, _, metric = name.rpartition("/")
+                    group = group_of(metric)
+                    if split and group in comparison.yardstick + comparison.also:
+                        rows.append({"entry": label, "seed": seed, "split": split, "metric": metric,
+                                     "group": group, "value": value})
             budget_path = out / "tb" / entry.label / f"seed{seed}" / "budget.json"
             budget = json.loads(budget_path.read_text()) if budget_path.is_file() else {}
             for metric in BUDGET:
@@ -51,14 +59,17 @@ def write_report(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> 
     for row in rows:
         values[(row["group"], f"{row['split']}/{row['metric']}")][row["entry"]].append(row["value"])
     entries = [entry.label for entry in comparison.entries]
+    blind = {row["entry"] for row in rows} - set(entries)
+    shown = [label for entry in entries for label in (entry, blind_label(entry)) if label == entry or label in blind]
     lines = [f"# Comparison `{comparison.name}`", "",
              f"{comparison.samples} training samples per entry, seeds {comparison.seeds}; mean ± std over seeds, "
-             "the best per column in **bold**.", ""]
+             "the best per column in **bold**" + ("; a (blind) row scores its entry with every image zeroed, so what "
+                                                 "it answers comes from the text alone" if blind else "") + ".", ""]
     for group in [*comparison.yardstick, *comparison.also, "budget"]:
         columns = sorted(column for g, column in values if g == group)
         if columns:
-            lines += [f"## {group}", "", *_table(entries, columns, {c: values[(group, c)] for c in columns},
-                                                mark_best=group != "budget"), ""]
+            lines += [f"## {group}", "", *_table(shown, columns, {c: values[(group, c)] for c in columns},
+                                                best_of=entries if group != "budget" else []), ""]
     ranks = average_ranks(entries, {key: per_entry for key, per_entry in values.items()
                                     if key[0] in comparison.yardstick})
     lines += ["## Average rank (over the yardstick's columns, which every entry answers; 1 is best)", "",
@@ -66,7 +77,7 @@ def write_report(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> 
               *[f"| {entry} | {rank:.2f} |" for entry, rank in sorted(ranks.items(), key=lambda item: item[1])], ""]
     report = out / "results.md"
     report.write_text("\n".join(lines))
-    draw_figures(comparison, out, values)
+    draw_figures(comparison, out, values, shown)
     return report
 
 
@@ -82,13 +93,14 @@ def average_ranks(entries: list[str], columns: dict[tuple[str, str], dict[str, l
 
 
 def _table(entries: list[str], columns: list[str], cells: dict[str, dict[str, list[float]]],
-           mark_best: bool) -> list[str]:
+           best_of: list[str]) -> list[str]:
+    """Entries x columns of mean ± std, the best of the `best_of` entries per column in bold."""
     lines = ["| entry | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     best = {}
     for column in columns:
-        means = {e: statistics.fmean(v) for e, v in cells[column].items() if v}
+        means = {e: statistics.fmean(v) for e, v in cells[column].items() if v and e in best_of}
         lower = column.rsplit("/", 1)[-1] in LOWER_IS_BETTER
-        best[column] = (min if lower else max)(means.values()) if means and mark_best else None
+        best[column] = (min if lower else max)(means.values()) if means else None
     for entry in entries:
         shown = []
         for column in columns:
@@ -98,7 +110,7 @@ def _table(entries: list[str], columns: list[str], cells: dict[str, dict[str, li
                 continue
             mean = statistics.fmean(seen)
             text = _number(mean) + (f" ± {_number(statistics.stdev(seen))}" if len(seen) > 1 else "")
-            shown.append(f"**{text}**" if best[column] is not None and mean == best[column] else text)
+            shown.append(f"**{text}**" if entry in best_of and mean == best[column] else text)
         lines.append(f"| {entry} | " + " | ".join(shown) + " |")
     return lines
 
@@ -107,15 +119,15 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
 
 
-def draw_figures(comparison: Comparison, out: Path, values: dict[tuple[str, str], dict[str, list[float]]]) -> None:
-    """A bar chart per yardstick group (mean with the spread over seeds), and the headline metric against the
-    training FLOPs each entry spent."""
+def draw_figures(comparison: Comparison, out: Path, values: dict[tuple[str, str], dict[str, list[float]]],
+                 entries: list[str]) -> None:
+    """A bar chart per yardstick group (mean with the spread over seeds) of `entries` (blind rows included), and the
+    headline metric against the training FLOPs each entry spent."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = [entry.label for entry in comparison.entries]
     for group in comparison.yardstick + comparison.also:
         columns = sorted(column for g, column in values if g == group)
         if not columns:

@@ -8,7 +8,15 @@ import csv
 import time
 from pathlib import Path
 
-from lightning_vlm.compare.cells import cell_config, cell_name, test_cell, train_cell, write_config
+from lightning_vlm.compare.cells import (
+    blind_config,
+    cell_config,
+    cell_name,
+    probe_cell,
+    test_cell,
+    train_cell,
+    write_config,
+)
 from lightning_vlm.compare.config import TASK_OF_GROUP, Comparison, Entry, load_comparison
 from lightning_vlm.compare.report import write_report
 
@@ -34,11 +42,12 @@ class Ledger:
             writer.writerows(self.rows.values())
 
 
-def check_entries(comparison: Comparison, out: Path, entries: list[Entry]) -> None:
-    """Fail before any training when an entry cannot answer a yardstick group or lacks a checkpoint it starts
-    from, naming the entry and what is missing."""
+def check_entries(comparison: Comparison, out: Path, entries: list[Entry]) -> dict[str, set[str]]:
+    """The groups each entry answers; fails before any training when an entry cannot answer a yardstick group or
+    lacks a checkpoint it starts from, naming the entry and what is missing."""
     from lightning_vlm.cli import load_model
 
+    answers = {}
     for entry in entries:
         config = cell_config(comparison, entry, comparison.seeds[0], out)
         init_args = config["model"]["init_args"]
@@ -50,12 +59,16 @@ def check_entries(comparison: Comparison, out: Path, entries: list[Entry]) -> No
         path = write_config(config, out / "checks" / entry.label)
         paradigm = load_model(str(path))
         answered = {group for evaluator in paradigm.evaluators() for group in evaluator.groups} | {"loss"}
+        if hasattr(paradigm.model, "vision"):
+            answered.add("probe")
         tasks = config["data"]["init_args"].get("eval_tasks") or config["data"]["init_args"].get("tasks", {})
         answered -= {group for group, task in TASK_OF_GROUP.items() if task not in tasks}
         missing = [group for group in comparison.yardstick if group not in answered]
         if missing:
             raise ValueError(f"entry {entry.label!r} ({entry.recipe}) cannot answer {missing}: its evaluators and "
                              f"eval tasks give {sorted(answered)}; drop the group or the entry")
+        answers[entry.label] = answered
+    return answers
 
 
 def run_comparison(comparison: Comparison, out: Path) -> Path:
@@ -63,7 +76,8 @@ def run_comparison(comparison: Comparison, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / "ledger.csv")
     to_run = [e for e in comparison.entries if not all(ledger.done(cell_name(e, s)) for s in comparison.seeds)]
-    check_entries(comparison, out, to_run)
+    answers = check_entries(comparison, out, to_run)
+    groups = set(comparison.yardstick + comparison.also)
     for entry in comparison.entries:
         for seed in comparison.seeds:
             name = cell_name(entry, seed)
@@ -71,7 +85,8 @@ def run_comparison(comparison: Comparison, out: Path) -> Path:
                 print(f"[compare] {name}: done before, skipped")
                 continue
             cell = out / "cells" / name
-            config_path = write_config(cell_config(comparison, entry, seed, out), cell)
+            config = cell_config(comparison, entry, seed, out)
+            config_path = write_config(config, cell)
             row = {"cell": name, "entry": entry.label, "seed": seed}
             try:
                 print(f"[compare] {name}: training ({comparison.samples} samples)", flush=True)
@@ -80,6 +95,10 @@ def run_comparison(comparison: Comparison, out: Path) -> Path:
                 trained = time.perf_counter()
                 print(f"[compare] {name}: scoring", flush=True)
                 test_cell(config_path, cell)
+                if "probe" in groups:
+                    probe_cell(config_path, cell, comparison.probe)
+                if comparison.blind and answers[entry.label] & groups & {"vqa", "captioning"}:
+                    test_cell(write_config(blind_config(config, cell), cell, "blind.yaml"), cell, "blind.log")
                 ledger.record(**row, status="done", checkpoint=str(cell / "final.ckpt"),
                               train_s=f"{trained - started:.1f}", test_s=f"{time.perf_counter() - trained:.1f}",
                               finished=time.strftime("%Y-%m-%d %H:%M:%S"))

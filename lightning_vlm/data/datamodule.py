@@ -34,6 +34,7 @@ from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
 from lightning_vlm.data.synthetic.generator import add_splits, missing_splits
 from lightning_vlm.data.tasks import TaskFormatter
 from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from lightning_vlm.errors import InvalidSettingError
 from lightning_vlm.tokens import load_tokenizer, location_tokens
 
 
@@ -75,6 +76,8 @@ class ShardDataModule(LightningDataModule):
             example's question (images of the same batch).
         group_by_task: every training batch holds one task (short questions are not padded to captions' length);
             the mixture's weights then hold per batch instead of per sample.
+        blind: evaluation images zeroed (the normalised mean), a control for what a model answers from the text
+            alone; training batches keep their images.
 
     Checkpoints keep the training stream's position (`state_dict`), so a run resumed mid-epoch reads exactly the
     batches an uninterrupted run would, in the same order. Resuming mid-epoch with another world size, number of
@@ -113,6 +116,7 @@ class ShardDataModule(LightningDataModule):
         chat_turns: int = 3,
         shots: int = 2,
         group_by_task: bool = False,
+        blind: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -136,8 +140,8 @@ class ShardDataModule(LightningDataModule):
         splits = (read_manifest(self.hparams.root) or {}).get("splits")
         missing = [name for name in self.val_names + self.test_names if splits is not None and name not in splits]
         if missing:
-            raise ValueError(f"{self.hparams.root} has no split(s) {missing} (it has {sorted(splits)}): "
-                             "set data.init_args.val_splits / test_splits")
+            raise InvalidSettingError(f"{self.hparams.root} has no split(s) {missing} (it has {sorted(splits)}): "
+                                      "set data.init_args.val_splits / test_splits")
         self.tokenizer = self._resolve_tokenizer()
         model = self._model()
         self.caption_tokenizer = model.caption_tokenizer if model is not None else None
@@ -172,9 +176,10 @@ class ShardDataModule(LightningDataModule):
             changed = [f"{key} {saved['depends_on'].get(key)!r} -> {now[key]!r}" for key in now
                        if saved["depends_on"].get(key) != now[key]]
             if changed:
-                raise ValueError(f"cannot resume mid-epoch (epoch {position.epoch}, batch {position.batch}): the "
-                                 f"training stream changed ({'; '.join(changed)}); resume with the same settings or "
-                                 "from a checkpoint written at the end of an epoch")
+                raise InvalidSettingError(
+                    f"cannot resume mid-epoch (epoch {position.epoch}, batch {position.batch}): the training stream "
+                    f"changed ({'; '.join(changed)}); resume with the same settings or from a checkpoint written at "
+                    "the end of an epoch")
             if self._train_loader is not None and self._train_loader.iterations:
                 raise RuntimeError("the training stream started before the checkpoint was restored (a strategy that "
                                    "restores after setup, with a stream of unknown length): set data.init_args."
@@ -246,6 +251,7 @@ class ShardDataModule(LightningDataModule):
             std,
             hflip=self.hparams.hflip if train else 0.0,
             crop_scale=self.hparams.crop_scale if train else None,
+            blind=self.hparams.blind and not train,
         )
         negatives = self.hparams.hard_negatives if train else 0  # eval losses stay comparable across recipes
         object_captions = self.hparams.object_captions if train else 0.0  # evaluation scores the scenes' captions

@@ -59,7 +59,8 @@ class ImageTransform:
     """Resize (or random-resized-crop) and normalise; boxes in `info['objects']` follow the geometry.
 
     `hflip` is the flip probability; samples with written text are never flipped (mirrored letters would
-    no longer read as their label). `crop_scale`, when set, turns on a random resized crop for training.
+    no longer read as their label). `crop_scale`, when set, turns on a random resized crop for training. `blind`
+    zeroes every normalised image (the dataset's mean colour), the control that shows a model's language priors.
     """
 
     image_size: int = 64
@@ -67,6 +68,7 @@ class ImageTransform:
     std: tuple[float, float, float] = CLIP_STD
     hflip: float = 0.0
     crop_scale: tuple[float, float] | None = None
+    blind: bool = False
 
     def __post_init__(self) -> None:
         size = (self.image_size, self.image_size)
@@ -80,7 +82,7 @@ class ImageTransform:
         if flipped:
             sample = hflip_sample(sample)
         if not self.crop_scale and sample.image.size == (self.image_size, self.image_size):
-            return self._to_tensor(v2.functional.pil_to_tensor(sample.image)), sample, flipped
+            return self._pixels(v2.functional.pil_to_tensor(sample.image)), sample, flipped
         objects = sample.info.get("objects", [])
         image = tv_tensors.Image(v2.functional.pil_to_tensor(sample.image))
         boxes = tv_tensors.BoundingBoxes(
@@ -91,7 +93,11 @@ class ImageTransform:
         if objects:
             info = dict(sample.info, objects=[dict(o, box=b.tolist()) for o, b in zip(objects, boxes)])
             sample = RawSample(sample.key, sample.image, sample.caption, info)
-        return self._to_tensor(image), sample, flipped
+        return self._pixels(image), sample, flipped
+
+    def _pixels(self, image: torch.Tensor) -> torch.Tensor:
+        pixels = self._to_tensor(image)
+        return torch.zeros_like(pixels) if self.blind else pixels
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_vlm.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 
 
@@ -16,11 +18,13 @@ log = logging.getLogger(__name__)
 class WeightsSource:
     """Entries of the checkpoint at ``path`` whose key starts with ``prefix`` (stripped) load into the part
     ``into`` (a dotted path, "" for the whole module). A Lightning checkpoint's ``state_dict`` is read, a
-    plain state dict as is."""
+    plain state dict as is. ``made_by`` names the recipe whose run writes the checkpoint: the command line trains
+    it first when the checkpoint is missing (`lightning_vlm.cli.ensure_prerequisites`)."""
 
     path: str
     prefix: str = ""
     into: str = ""
+    made_by: str | None = None
 
 
 @dataclass
@@ -36,7 +40,9 @@ def load_weights(module: nn.Module, source: WeightsSource) -> LoadReport:
     """Load ``source`` into ``module`` non-strictly and log the report (missing and unexpected keys by name)."""
     path = Path(source.path)
     if not path.is_file():
-        raise FileNotFoundError(f"init_from: no checkpoint at {path} (train the run that writes it first)")
+        made = f"python -m lightning_vlm fit --config {source.made_by}" if source.made_by else "the run that writes it"
+        raise MissingInputError(f"init_from: no checkpoint at {path}; train it first ({made}), or start from scratch "
+                                "with --model.init_args.init_from '[]'")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", checkpoint)
     selected = {key[len(source.prefix):]: value for key, value in state.items() if key.startswith(source.prefix)}

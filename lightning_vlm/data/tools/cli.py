@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lightning_vlm.data.synthetic.generator import DEFAULT_SIZES
 from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
 from lightning_vlm.data.tools.inspect import inspect_shards
 
@@ -41,7 +42,7 @@ def run_synth(args: argparse.Namespace) -> str:
     """Generate the synthetic benchmark (imported here: it is the heaviest data module)."""
     from lightning_vlm.data.synthetic import generate_benchmark
 
-    sizes = {"train": args.train, "val": args.val, "test": args.test, "compositional": args.compositional}
+    sizes = {split: getattr(args, split) for split in DEFAULT_SIZES}
     generate_benchmark(args.out, sizes=sizes, seed=args.seed, image_size=args.image_size, with_text=not args.no_text,
                        samples_per_shard=args.samples_per_shard, num_workers=args.workers)
     return f"wrote the synthetic benchmark to {args.out}\n" + inspect_shards(args.out, samples=1)
@@ -66,11 +67,12 @@ def run_inspect(args: argparse.Namespace) -> str:
 
 
 def _add_synth(commands: argparse._SubParsersAction) -> None:
-    """``data synth``: options of the synthetic benchmark generator."""
+    """``data synth``: options of the synthetic benchmark generator, a size per default split."""
     synth = _subcommand(commands, "synth", "generate the synthetic benchmark shards", run_synth)
     synth.add_argument("--out", type=Path, default=Path("data/synthetic"), help="dataset root to write")
-    for split, default in (("train", 50000), ("val", 1000), ("test", 1000), ("compositional", 1000)):
-        synth.add_argument(f"--{split}", type=int, default=default, help=f"samples in the {split} split")
+    for split, default in DEFAULT_SIZES.items():
+        synth.add_argument(f"--{split.replace('_', '-')}", type=int, default=default,
+                           help=f"samples in the {split} split")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--no-text", action="store_true", help="no written words in the scenes")

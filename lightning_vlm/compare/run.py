@@ -44,7 +44,7 @@ class Ledger:
 
 def check_entries(comparison: Comparison, out: Path, entries: list[Entry]) -> dict[str, set[str]]:
     """The groups each entry answers; fails before any training when an entry cannot answer a yardstick group or
-    lacks a checkpoint it starts from, naming the entry and what is missing."""
+    lacks a checkpoint it starts from that no recipe makes (the cell's fit trains a `made_by` recipe first)."""
     from lightning_vlm.cli import load_model
 
     answers = {}
@@ -53,7 +53,7 @@ def check_entries(comparison: Comparison, out: Path, entries: list[Entry]) -> di
         init_args = config["model"]["init_args"]
         for source in init_args.get("init_from") or []:
             path = Path(source if isinstance(source, str) else source.get("path") or source["init_args"]["path"])
-            if not path.is_file():
+            if not path.is_file() and not (isinstance(source, dict) and source.get("made_by")):
                 raise FileNotFoundError(f"entry {entry.label!r} starts from {path}, which does not exist: train the "
                                         "recipe that writes it first, or override model.init_args.init_from")
         path = write_config(config, out / "checks" / entry.label)

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -44,10 +44,27 @@ def text_tokens_in(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
+class OneLineErrors(LightningArgumentParser):
+    """A parser whose mistakes (an unknown key, a value of the wrong type) end in one line and exit status 2, not in
+    the usage block of every option."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse trying alternatives: it handles the exception itself
+            super().error(message, ex)
+        said = " ".join(message.split())
+        said = said if len(said) <= MAX_ERROR else said[:MAX_ERROR] + " ..."
+        sys.stderr.write(f"error: {said} (--help lists the options; --print_config shows a recipe's keys)\n")
+        sys.exit(2)
+
+
+MAX_ERROR = 400  # characters of a parser message: a wrong nested value's message repeats the whole config
+
+
 class VLMCLI(LightningCLI):
     """LightningCLI with our default logger and callbacks, and the default data generated on demand."""
 
     def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("parser_class", OneLineErrors)
         kwargs.setdefault("trainer_defaults", trainer_defaults())
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)

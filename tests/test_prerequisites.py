@@ -76,3 +76,20 @@ def test_a_split_the_data_lacks_ends_in_one_line(tiny_benchmark, tmp_path, monke
     assert main(["test", "--config", config, "--data.init_args.test_splits", "[nope]"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no split(s) ['nope']" in err
+
+
+def test_a_missing_dataset_ends_in_one_line_naming_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(RECIPES / "clip.yaml"), "--data.init_args.root", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: no dataset at nowhere: generate one (python -m lightning_vlm data synth --out nowhere) or " \
+                  "convert yours (python -m lightning_vlm data convert ...)\n"
+
+
+def test_missing_prepared_weights_end_in_one_line_naming_the_command(tiny_benchmark, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LIGHTNING_VLM_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = write(tiny_recipe("llava_smollm2.yaml", tiny_benchmark), tmp_path / "smol.yaml")
+    assert main(["fit", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no prepared copy" in err and "python -m lightning_vlm weights prepare" in err

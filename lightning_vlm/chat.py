@@ -15,7 +15,6 @@ from torch import Tensor
 
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.reading import RawSample
-from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.transforms import ImageTransform
 from lightning_vlm.errors import InvalidSettingError, MissingInputError
 from lightning_vlm.eval.zero_shot import encode_texts, similarity_matrix
@@ -80,8 +79,7 @@ def zero_shot(paradigm: VLMParadigm, pixels: Tensor, labels: Sequence[str]) -> l
 def reply(paradigm: ImageToText, pixels: Tensor, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
     """The model's answer to ``prompt`` about the image after the (user, assistant) turns of ``history``, through
     the LM's chat template where it has one."""
-    text = TextExample("chat", prompt, "", history=list(history))
-    return paradigm._generate(pixels.to(paradigm.device), [text], None)[0]
+    return paradigm.generate_text(pixels.to(paradigm.device), [prompt], history=history)[0]
 
 
 def converse(paradigm: ImageToText, pixels: Tensor, lines: Iterable[str], say: Callable[[str], None]) -> None:

@@ -97,11 +97,14 @@ class ImageToText(VLMParadigm):
         return self._answers(batch) if self.model.language_model is not None else None
 
     @torch.no_grad()
-    def generate_text(self, pixel_values: Tensor, prompts: list[str], system: str = "", **generation: Any) -> list[str]:
-        """Decoded answers of the LM to ``prompts``, one per image (greedy unless `generation` says otherwise:
-        num_beams for beam search, do_sample with top_p for nucleus sampling)."""
-        return self._generate(pixel_values, [TextExample("vqa", p, "", system=system) for p in prompts], None,
-                              **generation)
+    def generate_text(self, pixel_values: Tensor, prompts: list[str], system: str = "",
+                      history: Sequence[tuple[str, str]] = (), **generation: Any) -> list[str]:
+        """Decoded answers of the LM to ``prompts``, one per image, after the (user, assistant) turns of `history`
+        (through the LM's chat template where it has one; greedy unless `generation` says otherwise: num_beams for
+        beam search, do_sample with top_p for nucleus sampling)."""
+        task = "chat" if history else "vqa"
+        texts = [TextExample(task, p, "", system=system, history=list(history)) for p in prompts]
+        return self._generate(pixel_values, texts, None, **generation)
 
     @torch.no_grad()
     def caption_log_likelihoods(self, pixel_values: Tensor, captions: Sequence[Sequence[str]], prompt: str = "",

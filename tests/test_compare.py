@@ -103,3 +103,57 @@ def test_blind_rows_sit_under_their_entry_unranked_and_never_marked_best(tmp_pat
     assert "| llava | **0.4** |\n| llava (blind) | 0.9 |\n| clip | — |" in text  # bold goes to a real entry
     ranks = text.split("Average rank")[1]
     assert "| clip | 1.00 |" in ranks and "| llava | 2.00 |" in ranks and "blind" not in ranks
+
+
+def test_curve_points_validate_a_cell_at_evenly_spaced_steps_in_place_of_the_recipes_interval(tmp_path):
+    from lightning_vlm.compare.cells import cell_config
+
+    entry = Entry("clip", "recipes/clip.yaml")
+    for points, expected in ((4, {"val_check_interval": 2, "check_val_every_n_epoch": None}),
+                             (0, {"val_check_interval": 1250, "limit_val_batches": 0})):
+        compared = Comparison("c", [entry], samples=128 * 10, curve_points=points, root=RECIPES.parent)
+        trainer = cell_config(compared, entry, 0, tmp_path)["trainer"]
+        assert trainer["max_steps"] == 10 and trainer["num_sanity_val_steps"] == 0
+        assert {key: trainer[key] for key in expected} == expected
+        assert "limit_val_batches" not in trainer or points == 0  # the recipe sets none: every val batch runs
+
+
+def test_curves_set_each_validation_against_samples_and_flops_with_a_band_over_seeds(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_vlm.compare.curves import read_curves, seed_band, write_curves
+
+    values = {("A", 0): [0.1, 0.2, 0.3, 0.4], ("A", 1): [0.3, 0.2, 0.5, 0.4],
+              ("B", 0): [0.5, 0.5, 0.5, 0.5], ("B", 1): [0.7, 0.7, 0.7, 0.7]}
+    budgets = {"A": {"samples": 64, "steps": 8, "flops_per_step": 1000, "train_flops": 8000},
+               "B": {"samples": 128, "steps": 8, "flops_per_step": None, "train_flops": 16000}}
+    for (label, seed), curve in values.items():
+        logs = tmp_path / "tb" / label / f"seed{seed}"
+        with SummaryWriter(str(logs)) as writer:
+            for step, value in zip((2, 4, 6, 8), curve):
+                for tag, scalar in (("val/i2t_r1", value), ("compositional/i2t_r1", value / 2), ("train/loss", 9.0),
+                                    ("val/zeroshot_color", 1 - value), ("budget/samples", 8.0 * step)):
+                    writer.add_scalar(tag, scalar, step)
+        (logs / "budget.json").write_text(json.dumps(budgets[label]))
+    compared = Comparison("curves", [Entry("A", "recipes/clip.yaml"), Entry("B", "recipes/clip.yaml")], samples=64,
+                          seeds=[0, 1], yardstick=["retrieval"], also=["zero_shot"], headline="test/i2t_r1",
+                          curve_points=4, root=RECIPES.parent)
+    ledger = {f"{label}-seed{seed}": {"status": "done"} for label, seed in values}
+    write_curves(compared, tmp_path, ledger)
+
+    rows = list(csv.DictReader((tmp_path / "curves.csv").open()))
+    assert {(row["split"], row["metric"]) for row in rows} == {
+        ("val", "i2t_r1"), ("compositional", "i2t_r1"), ("val", "zeroshot_color")}  # no train or budget tags
+    assert len(rows) == 4 * 3 * 4
+    for row in rows:
+        step, per_step = int(row["step"]), {"A": (8, 1000), "B": (16, 2000)}[row["entry"]]
+        assert (float(row["samples"]), float(row["flops"])) == (step * per_step[0], step * per_step[1])
+    curve_a = [row for row in read_curves(compared, tmp_path, ledger)
+               if (row["entry"], row["split"], row["metric"]) == ("A", "val", "i2t_r1")]
+    band = seed_band(curve_a, "samples")
+    assert [point[0] for point in band] == [16, 32, 48, 64]
+    assert [value for point in band for value in point[1:]] == pytest.approx(  # (mean, min, max) per step
+        [0.2, 0.1, 0.3, 0.2, 0.2, 0.2, 0.4, 0.3, 0.5, 0.4, 0.4, 0.4])
+    assert [point[0] for point in seed_band(curve_a, "flops")] == [2000, 4000, 6000, 8000]
+    assert [path.name for path in tmp_path.glob("curve_*.png")] == ["curve_i2t_r1.png"]  # the headline's group only
+    assert (tmp_path / "curve_i2t_r1.png").stat().st_size

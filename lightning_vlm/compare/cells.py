@@ -59,7 +59,8 @@ def cell_name(entry: Entry, seed: int) -> str:
 
 def cell_config(comparison: Comparison, entry: Entry, seed: int, out: Path) -> dict:
     """The entry's recipe with its overrides, trained for the budget's samples from this seed: staged phases
-    compressed in proportion, checkpoints and logs inside `out`, no validation during training."""
+    compressed in proportion, checkpoints and logs inside `out`; it validates while training only at the comparison's
+    `curve_points` evenly spaced steps (in place of the recipe's val_check_interval), which its curves plot."""
     config = read_recipe(comparison.recipe_path(entry))
     for key, value in entry.overrides.items():
         set_dotted(config, key, value)
@@ -69,7 +70,9 @@ def cell_config(comparison: Comparison, entry: Entry, seed: int, out: Path) -> d
     steps = max(1, math.ceil(comparison.samples / global_batch))
     _compress_phases(trainer, _recipe_steps(trainer, data), steps)
     cell = out / "cells" / cell_name(entry, seed)
-    trainer.update(max_steps=steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
+    validation = {"val_check_interval": max(1, steps // comparison.curve_points), "check_val_every_n_epoch": None} \
+        if comparison.curve_points > 0 else {"limit_val_batches": 0}
+    trainer.update(max_steps=steps, max_epochs=-1, num_sanity_val_steps=0, **validation,
                    logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                            "init_args": {"save_dir": str(out / "tb"), "name": entry.label, "version": f"seed{seed}"}})
     trainer["callbacks"] = [c for c in trainer.get("callbacks", []) if c["class_path"] != CHECKPOINT] + [

@@ -45,7 +45,8 @@ class Comparison:
     reported), once per seed, and scored on the `yardstick`'s groups over the data's test splits: every entry must
     answer those; groups in `also` are reported for the entries that answer them. The ``probe`` group trains the
     frozen-feature probe (eval/probe.py) on `probe`'s images and epochs; `blind` adds, for each entry that writes
-    text, a row scored with its images zeroed."""
+    text, a row scored with its images zeroed. `curve_points` > 0 validates each cell at that many evenly spaced steps
+    while it trains, for curves of each metric against samples and FLOPs (curves.py)."""
 
     name: str
     entries: list[Entry]
@@ -57,6 +58,7 @@ class Comparison:
     eval_max_samples: int = 500
     probe: dict[str, int] = field(default_factory=lambda: {"images": 4000, "epochs": 20})
     blind: bool = True
+    curve_points: int = 0
     root: Path = Path(".")
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class Comparison:
         unknown = sorted((set(self.yardstick) | set(self.also)) - set(GROUPS))
         if unknown:
             raise ValueError(f"comparison {self.name!r}: unknown metric group(s) {unknown}; known: {sorted(GROUPS)}")
+        if self.curve_points < 0:
+            raise ValueError(f"comparison {self.name!r}: curve_points must be 0 (no curves) or more")
         missing = [entry.recipe for entry in self.entries if not self.recipe_path(entry).is_file()]
         if missing:
             raise FileNotFoundError(f"comparison {self.name!r}: no recipe {missing} (relative to {self.root})")

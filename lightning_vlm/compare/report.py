@@ -1,6 +1,7 @@
 """The report of a comparison: ``results.csv`` (one row per entry x seed x metric), ``results.md`` (entries x
 metrics grouped by the yardstick, mean ± std over seeds, the best per column in bold, the budget each spent, and
-the average rank) and PNG figures (a bar chart per group; the headline metric against training FLOPs)."""
+the average rank) and PNG figures (a bar chart per group; the headline metric against training FLOPs); with
+`curve_points`, ``curves.csv`` and a ``curve_<metric>.png`` per metric over training (curves.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lightning_vlm.compare.config import Comparison, group_of
+from lightning_vlm.compare.curves import write_curves
 
 BUDGET = ["samples", "text_tokens", "steps", "trainable_params", "total_params", "train_flops", "wall_s",
           "peak_memory_mib"]
@@ -78,6 +80,8 @@ def write_report(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> 
     report = out / "results.md"
     report.write_text("\n".join(lines))
     draw_figures(comparison, out, values, shown)
+    if comparison.curve_points > 0:
+        write_curves(comparison, out, ledger)
     return report
 
 

@@ -199,13 +199,19 @@ def test_lora_through_the_plan_trains_only_adapters(tiny_benchmark, tmp_path):
     base_before = {k: v.clone() for k, v in paradigm.model.language_model.state_dict().items()}
     plan = [PLAN[0], Phase(start_step=2, lora={"language_model": {"r": 4, "lora_alpha": 8}},
                            unfreeze=["lm_projection"], loss_weights={"itc": 0.0, "itm": 0.0, "itg": 0.0, "lm": 1.0})]
-    fit(paradigm, tiny_benchmark, tmp_path, 4, [StagedFreezing(plan)])
+    trainer = fit(paradigm, tiny_benchmark, tmp_path, 4, [StagedFreezing(plan)])
     lm = paradigm.model.language_model
     adapters = {n for n, p in lm.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in adapters)
     state = lm.state_dict()
     assert all(torch.equal(base_before[k], state[k]) for k in base_before if k in state)  # base bit-identical
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in lm.named_parameters() if "lora_B" in n)
+
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")  # a predict (or test) run restores it, adapters and phase
+    fresh = build(tiny_benchmark)
+    L.Trainer(limit_predict_batches=1, logger=False, enable_progress_bar=False, callbacks=[StagedFreezing(plan)]
+              ).predict(fresh, ShardDataModule(root=tiny_benchmark, batch_size=8), ckpt_path=tmp_path / "lora.ckpt")
+    assert all(torch.equal(value, state[key]) for key, value in fresh.model.language_model.state_dict().items())
 
 
 def test_a_frozen_bfloat16_lm_with_lora_trains_and_evaluates_under_bf16_autocast(tiny_benchmark, tmp_path):

@@ -66,7 +66,9 @@ class StagedFreezing(Callback):
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self._module is not None:
+        """Inject the plan's LoRA and enter the first phase, for every stage: a test or predict run from a checkpoint
+        needs the adapters to load its weights and the phase to load the callback's state."""
+        if self._module is not None:
             return
         self._module = pl_module
         self._check_plan()
@@ -96,7 +98,7 @@ class StagedFreezing(Callback):
         if state_dict["plan"] != [dataclasses.asdict(p) for p in self.phases]:
             log.warning("resuming with a staged-freezing plan that differs from the checkpoint's")
         if self._module is None:
-            raise RuntimeError("StagedFreezing.load_state_dict before setup: resume through Trainer.fit(ckpt_path=)")
+            raise RuntimeError("StagedFreezing.load_state_dict before setup: restore through a Trainer (ckpt_path=)")
         self.current, self.frozen = -1, set()
         self._enter(state_dict["phase"])
 

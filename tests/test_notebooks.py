@@ -1,19 +1,32 @@
-"""Every notebook runs top to bottom on the tiny benchmark (its code cells executed in order, in one namespace)."""
+"""Every notebook runs top to bottom on the tiny benchmark (its code cells executed in order, in one namespace, from
+the repository root)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted(Path(__file__).parents[1].joinpath("notebooks").glob("*.ipynb"))
+REPO = Path(__file__).parents[1]
+NOTEBOOKS = sorted(REPO.joinpath("notebooks").glob("*.ipynb"))
+# Notebooks that load the packaged SmolLM2: they ask for the `real_checkpoints` fixture and are slow tests.
+NEEDS_WEIGHTS = {"04_give_an_lm_sight"}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, tiny_benchmark, monkeypatch):
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] * (p.stem in NEEDS_WEIGHTS))
+                                  for p in NOTEBOOKS])
+def test_notebook_runs(path, tiny_benchmark, monkeypatch, request):
+    if path.stem in NEEDS_WEIGHTS:
+        request.getfixturevalue("real_checkpoints")
     monkeypatch.setenv("LVLM_NOTEBOOK_ROOT", tiny_benchmark)
+    monkeypatch.chdir(REPO)
     namespace: dict = {}
-    for cell in nbformat.read(path, as_version=4).cells:
-        if cell.cell_type == "code":
-            exec(compile(cell.source, f"{path.name}", "exec"), namespace)  # noqa: S102 - our own notebooks
+    try:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code":
+                exec(compile(cell.source, f"{path.name}", "exec"), namespace)  # noqa: S102 - our own notebooks
+    finally:
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")  # a notebook's figures end with it

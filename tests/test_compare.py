@@ -129,12 +129,17 @@ def test_curves_set_each_validation_against_samples_and_flops_with_a_band_over_s
                "B": {"samples": 128, "steps": 8, "flops_per_step": None, "train_flops": 16000}}
     for (label, seed), curve in values.items():
         logs = tmp_path / "tb" / label / f"seed{seed}"
-        with SummaryWriter(str(logs)) as writer:
-            for step, value in zip((2, 4, 6, 8), curve):
+        with SummaryWriter(str(logs)) as fit:  # Lightning logs a validation after step k under step k - 1
+            for step, value in zip((1, 3, 5, 7), curve):
                 for tag, scalar in (("val/i2t_r1", value), ("compositional/i2t_r1", value / 2), ("train/loss", 9.0),
                                     ("val/zeroshot_color", 1 - value), ("budget/samples", 8.0 * step)):
-                    writer.add_scalar(tag, scalar, step)
+                    fit.add_scalar(tag, scalar, step)
+        with SummaryWriter(str(logs)) as test:  # the cell's test run logs into the same folder at step 0
+            for tag in ("test/i2t_r1", "compositional/i2t_r1"):
+                test.add_scalar(tag, 0.99, 0)
         (logs / "budget.json").write_text(json.dumps(budgets[label]))
+        (logs / "config.yaml").write_text(yaml.safe_dump({"data": {"init_args": {
+            "val_splits": ["val", "compositional"], "test_splits": ["test", "compositional"]}}}))
     compared = Comparison("curves", [Entry("A", "recipes/clip.yaml"), Entry("B", "recipes/clip.yaml")], samples=64,
                           seeds=[0, 1], yardstick=["retrieval"], also=["zero_shot"], headline="test/i2t_r1",
                           curve_points=4, root=RECIPES.parent)

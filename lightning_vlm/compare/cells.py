@@ -70,8 +70,10 @@ def cell_config(comparison: Comparison, entry: Entry, seed: int, out: Path) -> d
     steps = max(1, math.ceil(comparison.samples / global_batch))
     _compress_phases(trainer, _recipe_steps(trainer, data), steps)
     cell = out / "cells" / cell_name(entry, seed)
-    validation = {"val_check_interval": max(1, steps // comparison.curve_points), "check_val_every_n_epoch": None} \
-        if comparison.curve_points > 0 else {"limit_val_batches": 0}
+    validation = {"limit_val_batches": 0}
+    if comparison.curve_points > 0:  # Lightning counts the interval in batches, not optimizer steps
+        every = max(1, steps // comparison.curve_points) * trainer.get("accumulate_grad_batches", 1)
+        validation = {"val_check_interval": every, "check_val_every_n_epoch": None}
     trainer.update(max_steps=steps, max_epochs=-1, num_sanity_val_steps=0, **validation,
                    logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                            "init_args": {"save_dir": str(out / "tb"), "name": entry.label, "version": f"seed{seed}"}})

@@ -10,6 +10,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 from lightning_vlm.compare.config import Comparison, group_of
 
 FIELDS = ["entry", "seed", "step", "samples", "flops", "split", "metric", "value"]
@@ -17,10 +19,8 @@ FIGURE_SPLIT = "val"  # the split the figures show; curves.csv keeps every valid
 
 
 def read_curves(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> list[dict]:
-    """Rows (entry, seed, step, samples, flops, split, metric, value) of every done cell's validated metrics in the
-    yardstick and `also` groups; a step is turned into samples and FLOPs by the cell's budget.json."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    """Rows (entry, seed, step, samples, flops, split, metric, value) of every done cell's metrics in the yardstick
+    and `also` groups as its fit validated them; its budget.json turns steps into samples and FLOPs."""
     groups = set(comparison.yardstick + comparison.also)
     rows = []
     for entry in comparison.entries:
@@ -33,17 +33,35 @@ def read_curves(comparison: Comparison, out: Path, ledger: dict[str, dict]) -> l
             samples_per_step = budget["samples"] / budget["steps"]
             flops_per_step = budget.get("flops_per_step") or (
                 budget["train_flops"] / budget["steps"] if budget.get("train_flops") else float("nan"))
-            events = EventAccumulator(str(logs), size_guidance={"scalars": 0})
-            events.Reload()
-            for tag in events.Tags()["scalars"]:
-                split, _, metric = tag.rpartition("/")
-                if not split or split == "train" or group_of(metric) not in groups:
-                    continue
-                by_step = {event.step: event.value for event in events.Scalars(tag)}  # a resumed run's repeats: last
-                rows += [{"entry": entry.label, "seed": seed, "step": step, "samples": step * samples_per_step,
-                          "flops": step * flops_per_step, "split": split, "metric": metric, "value": value}
-                         for step, value in sorted(by_step.items())]
+            for (split, metric), by_step in validated(logs).items():
+                if group_of(metric) in groups:
+                    rows += [{"entry": entry.label, "seed": seed, "step": step, "samples": step * samples_per_step,
+                              "flops": step * flops_per_step, "split": split, "metric": metric, "value": value}
+                             for step, value in sorted(by_step.items())]
     return rows
+
+
+def validated(logs: Path) -> dict[tuple[str, str], dict[int, float]]:
+    """A cell's validation scalars, {(split, metric): {steps trained: value}}, from the events of its fit runs (a
+    resume adds a file; where steps repeat the later run wins). Its test runs log into the same folder, under the
+    config's test splits only, and are left out. Lightning logs a validation under the steps taken before the
+    batch that triggered it, hence the +1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = yaml.safe_load((logs / "config.yaml").read_text())["data"]["init_args"]  # LightningCLI's, resolved
+    val_splits, test_splits = set(data["val_splits"]), set(data["test_splits"])
+    scalars: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for path in sorted(logs.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = [tag.rpartition("/") for tag in events.Tags()["scalars"]]
+        if all(split in test_splits for split, _, _ in tags if split):
+            continue
+        for split, _, metric in tags:
+            if split in val_splits:
+                scalars[(split, metric)].update({event.step + 1: event.value
+                                                 for event in events.Scalars(f"{split}/{metric}")})
+    return scalars
 
 
 def seed_band(rows: list[dict], x: str) -> list[tuple[float, float, float, float]]:

@@ -76,6 +76,7 @@ def test_compare_trains_scores_and_reports_every_entry_then_a_rerun_skips_them(w
     ({"yardstick": ["retrieval", "vqa"]}, "entry 'CLIP' .* cannot answer \\['vqa'\\]"),
     ({"yardstick": ["retrieval", "vibes"]}, "unknown metric group\\(s\\) \\['vibes'\\]"),
     ({"entries": [{"label": "X", "recipe": "recipes/nope.yaml"}]}, "no recipe \\['recipes/nope.yaml'\\]"),
+    ({"colour": "blue", "x-anchor": {"a": 1}}, "unknown key\\(s\\) \\['colour'\\]; known: .*'yardstick'"),
 ])
 def test_a_config_that_cannot_be_answered_fails_before_training_naming_why(workdir, changes, message, monkeypatch,
                                                                           capsys):

@@ -5,7 +5,8 @@ FLOPs come from torch's FLOP counter held around one whole training step (forwar
 frozen part counts its forward and the gradient it passes to its inputs, never a weight gradient; the step is the
 second (the first may build lazy state). The counts are global (every rank's), carried through a resume, logged
 under ``budget/`` and written as JSON when training ends, to `path` or else ``budget.json`` in the trainer's
-log directory, beside the run's TensorBoard events (the compare command reads it). The
+log directory, beside the run's TensorBoard events (the compare command reads it; a run without a logger writes it
+only to a given `path`). The
 measured FLOPs per step are also set as the module's ``flops_per_batch``, which Lightning's ThroughputMonitor
 turns into FLOPs/s and, where it knows the device's peak, MFU.
 """
@@ -62,6 +63,8 @@ class BudgetMeter(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.totals["wall_s"] += time.perf_counter() - self._started
         self._started = time.perf_counter()
+        if self.path is None and trainer.logger is None:
+            return  # a run without a logger has no log directory to write beside (not the working directory)
         log_dir = trainer.log_dir or trainer.default_root_dir  # on every rank: Lightning broadcasts it
         path = Path(self.path or Path(log_dir) / "budget.json")
         if trainer.is_global_zero:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,13 @@ class Comparison:
 
 def load_comparison(path: str | Path, samples: int | None = None, seeds: int | None = None) -> Comparison:
     """Read a comparison YAML (recipes relative to the working directory, as recipes name their data);
-    `samples` and `seeds` (a count, seeds 0..K-1) override the file's."""
-    raw = yaml.safe_load(Path(path).read_text())
+    `samples` and `seeds` (a count, seeds 0..K-1) override the file's. Top-level keys starting with ``x-`` only
+    hold YAML anchors that entries share (as in compose files) and are dropped."""
+    raw = {key: value for key, value in yaml.safe_load(Path(path).read_text()).items() if not key.startswith("x-")}
+    unknown = set(raw) - {f.name for f in fields(Comparison)} - {"entries", "budget"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: "
+                         f"{sorted({f.name for f in fields(Comparison)} - {'root', 'samples'} | {'budget'})}")
     entries = [Entry(**entry) for entry in raw.pop("entries")]
     budget = raw.pop("budget", {})
     unknown = set(budget) - {"samples"}

@@ -42,7 +42,7 @@ def batches() -> list[dict]:
     (True, 8 * 16 + 16 * 4 + 16 * 4),
 ])
 def test_training_flops_are_the_analytic_count(freeze_first, multiply_adds, tmp_path):
-    meter = BudgetMeter()
+    meter = BudgetMeter(path=str(tmp_path / "budget.json"))  # no logger, no log directory: the path is given
     trainer = L.Trainer(max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[meter])
     trainer.fit(MLP(freeze_first), torch.utils.data.DataLoader(batches(), batch_size=None))

@@ -20,6 +20,7 @@ from lightning_vlm.data.stream import ShardStream, StreamConfig, StreamPosition,
 from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.transforms import hflip_sample, swap_left_right
+from lightning_vlm.errors import MissingInputError
 from lightning_vlm.tokens import IGNORE_INDEX
 
 
@@ -425,3 +426,14 @@ def test_without_a_model_the_image_statistics_fall_back_to_clip_with_a_warning(t
         half_normalised = next(iter(half.val_dataloader()[0]))["pixel_values"]
     assert not torch.allclose(clip_normalised, half_normalised)
     assert half_normalised.min() >= -1.0 and half_normalised.max() <= 1.0  # (x - 0.5) / 0.5 of x in [0, 1]
+
+
+@pytest.mark.parametrize("samples_per_epoch", [None, 8])
+def test_data_that_gives_no_batch_fails_naming_why_instead_of_spinning(tiny_benchmark, tmp_path, samples_per_epoch):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "shard-000000.tar").write_bytes(b"not a tar file")
+    dm = ShardDataModule(root=str(tmp_path), tokenizer=tiny_benchmark, batch_size=4,
+                         samples_per_epoch=samples_per_epoch)
+    with pytest.raises(MissingInputError, match="no sample could be read|gave no batch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        next(iter(dm.train_dataloader()))

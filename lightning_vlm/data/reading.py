@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from lightning_vlm.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -93,11 +95,17 @@ def _tar_samples(urls: list[str], counter: BadDataCounter) -> Iterator[dict]:
 
 
 def repeated(urls: list[str], consumer: Consumer, counter: BadDataCounter, seed: int) -> Iterator[dict]:
-    """Endless passes over the consumer's samples, shards reshuffled (identically on every consumer) per pass."""
+    """Endless passes over the consumer's samples, shards reshuffled (identically on every consumer) per pass; a
+    pass that reads no sample at all (missing or unreadable shards) fails instead of spinning forever."""
     for epoch_pass in range(1 << 62):
         order = list(urls)
         random.Random(f"{seed}-{epoch_pass}").shuffle(order)
-        yield from consumer_samples(order, consumer, counter)
+        read = 0
+        for read, sample in enumerate(consumer_samples(order, consumer, counter), 1):  # noqa: B007 - counted
+            yield sample
+        if read == 0:
+            raise MissingInputError(f"no sample could be read from {len(urls)} shard(s) such as {urls[0]} (reader "
+                                    f"{consumer.index} of {consumer.count}): check that they exist and are readable")
 
 
 def resampled(urls: list[str], consumer: Consumer, counter: BadDataCounter, seed: int) -> Iterator[dict]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import braceexpand
 
+from lightning_vlm.errors import MissingInputError
+
 MANIFEST = "dataset.json"
 MODALITIES = ("pair", "image", "text")
 
@@ -59,7 +61,8 @@ class ShardSource:
         patterns = [self.shards] if isinstance(self.shards, str) else list(self.shards)
         urls = [url for pattern in patterns for url in expand_shards(pattern, self.split)]
         if not urls:
-            raise FileNotFoundError(f"no shards found for {self.shards!r} (split {self.split!r})")
+            raise MissingInputError(f"no shards found for {self.shards!r} (split {self.split!r}): point data.init_args"
+                                    ".root (or train) at a dataset (python -m lightning_vlm data synth / convert)")
         return urls
 
     def _kept(self, total: int) -> int:

@@ -39,6 +39,7 @@ from lightning_vlm.data.reading import (
 from lightning_vlm.data.sources import ShardSource
 from lightning_vlm.data.tasks import TaskFormatter
 from lightning_vlm.data.transforms import ImageTransform
+from lightning_vlm.errors import MissingInputError
 
 
 @dataclass
@@ -170,7 +171,8 @@ class EpochLoader(DataLoader):
     The position is read when the first batch is asked for, not when the iterator is made: Lightning makes it
     before it restores a checkpoint when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``
     (lightning #20550). Without `position`, iterations are counted as epochs. Workers' seeds come from a generator
-    of the loader's own, so loading data never moves the model's random stream (dropout, masking).
+    of the loader's own, so loading data never moves the model's random stream (dropout, masking). A pass that gives
+    no batch at all fails, naming the likely causes.
     """
 
     def __init__(self, stream: ShardStream, num_workers: int,
@@ -194,7 +196,13 @@ class EpochLoader(DataLoader):
         position = self.position() if self.position is not None else StreamPosition(self.iterations)
         self.iterations += 1
         self.dataset.epoch, self.dataset.start = position.epoch, position.batch
-        yield from super().__iter__()
+        batches = 0
+        for batches, batch in enumerate(super().__iter__(), 1):  # noqa: B007 - counted
+            yield batch
+        if batches == 0 and position.batch == 0:  # a trainer would otherwise run empty epochs forever
+            raise MissingInputError("a pass over the data gave no batch: its shards are missing or unreadable, or "
+                                    "hold fewer samples than one batch; check them with python -m lightning_vlm "
+                                    "data inspect")
 
 
 def make_loader(stream: ShardStream, num_workers: int, position: Callable[[], StreamPosition] | None = None,

@@ -15,11 +15,16 @@ NOTEBOOKS = sorted(REPO.joinpath("notebooks").glob("*.ipynb"))
 NEEDS_WEIGHTS = {"04_give_an_lm_sight"}
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] * (p.stem in NEEDS_WEIGHTS))
-                                  for p in NOTEBOOKS])
-def test_notebook_runs(path, tiny_benchmark, monkeypatch, request):
+@pytest.fixture
+def weights(request, path):
+    """The packaged checkpoints, prepared (in the test's setup, not its run) for the notebooks that need them."""
     if path.stem in NEEDS_WEIGHTS:
         request.getfixturevalue("real_checkpoints")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] * (p.stem in NEEDS_WEIGHTS))
+                                  for p in NOTEBOOKS])
+def test_notebook_runs(path, weights, tiny_benchmark, monkeypatch):
     monkeypatch.setenv("LVLM_NOTEBOOK_ROOT", tiny_benchmark)
     monkeypatch.chdir(REPO)
     namespace: dict = {}

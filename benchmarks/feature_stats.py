@@ -15,8 +15,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from feature_probe import encode, encoder_and_data  # this folder's probe: the same encoder, data and encoding
 from torch import Tensor
+
+from lightning_vlm.cli import load_run
+from lightning_vlm.eval.probe import encode_split
 
 
 def statistics(tokens: Tensor) -> dict[str, float]:
@@ -47,8 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     rows: dict[str, list[float]] = {}
     for checkpoint in args.checkpoint:
-        vision, datamodule = encoder_and_data(args.config, checkpoint)
-        tokens = encode(vision, datamodule.val_dataloader()[0], args.images)[0][:, :-1]  # without the pooled vector
+        model, datamodule = load_run(args.config, checkpoint)
+        split = encode_split(model.model.vision, datamodule.eval_loader("val"), args.images)
+        tokens = split.features[:, :-1]  # without the pooled vector
         normed = F.layer_norm(tokens, tokens.shape[-1:])
         for suffix, stats in (("", statistics(tokens)), (", layer-normed", statistics(normed))):
             for name, value in stats.items():

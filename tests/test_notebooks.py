@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 REPO = Path(__file__).parents[1]
 NOTEBOOKS = sorted(REPO.joinpath("notebooks").glob("*.ipynb"))
@@ -27,11 +28,15 @@ def weights(request, path):
 def test_notebook_runs(path, weights, tiny_benchmark, monkeypatch):
     monkeypatch.setenv("LVLM_NOTEBOOK_ROOT", tiny_benchmark)
     monkeypatch.chdir(REPO)
-    namespace: dict = {}
+    # One thread: the notebooks' models are tiny, and on a busy machine a second OpenMP thread spinning at every small
+    # op made 04 take 60-150 s instead of 6 (two cores shared with another job).
+    threads, namespace = torch.get_num_threads(), {}
+    torch.set_num_threads(1)
     try:
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type == "code":
                 exec(compile(cell.source, f"{path.name}", "exec"), namespace)  # noqa: S102 - our own notebooks
     finally:
+        torch.set_num_threads(threads)
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close("all")  # a notebook's figures end with it

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from lightning_vlm.adapters import MLP, AveragePool, Identity, Linear, PerceiverResampler, PixelShuffle
+from lightning_vlm.adapters.c_abstractor import CAbstractor
+from lightning_vlm.adapters.qformer import QFormerAdapter
 from lightning_vlm.encoders import VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.llava import LLaVA
@@ -99,3 +101,43 @@ def test_a_language_model_with_location_tokens_serves_the_grounding_task(tiny_be
     assert any(t.startswith("<loc_") for t in lm.tokenizer.convert_ids_to_tokens(answer.tolist()))
     assert torch.isfinite(text_loss(paradigm.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                                  batch["labels"]))
+
+
+def test_c_abstractor_pools_any_square_grid_to_its_square_of_queries():
+    for num_queries in (1, 4):
+        adapter = CAbstractor(num_queries).build(8, 6)
+        assert adapter.num_output_tokens(36) == num_queries
+        for num_tokens in (4, 16, 64):
+            assert adapter(torch.randn(2, num_tokens, 8)).shape == (2, num_queries, 6)
+    with pytest.raises(ValueError, match="not a square"):
+        CAbstractor(3)
+    with pytest.raises(ValueError, match="square grid"):
+        adapter(torch.randn(1, 17, 8))  # a [CLS] token left in
+
+
+def test_c_abstractor_keeps_locality():
+    torch.manual_seed(0)
+    adapter = CAbstractor(4).build(8, 6).eval()
+    tokens = torch.randn(1, 64, 8)
+    perturbed = tokens.view(1, 8, 8, 8).clone()
+    perturbed[:, :4, :4] += torch.randn(1, 4, 4, 8)  # the top-left quarter of the 8 x 8 grid
+    change = (adapter(perturbed.view(1, 64, 8)) - adapter(tokens)).norm(dim=-1)[0]
+    assert change[0] > 5 * change[3]  # its own (top-left) token far more than the bottom-right one
+
+
+def test_q_former_adapter_gives_its_queries_which_read_the_image():
+    adapter = QFormerAdapter(num_queries=3, config={"hidden_size": 16, "num_attention_heads": 2,
+                                                    "intermediate_size": 32}).build(8, 6)
+    out = adapter(torch.randn(2, 10, 8))
+    assert out.shape == (2, 3, 6) and adapter.num_output_tokens(10) == 3
+    out.square().mean().backward()
+    assert adapter.qformer.query_tokens.grad.abs().sum() > 0
+    assert adapter.qformer.layers[0].crossattention.key.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [lambda: CAbstractor(4), lambda: QFormerAdapter(2, config={"hidden_size": 16})])
+def test_new_adapters_train_every_parameter_inside_llava(make, tiny_benchmark):
+    test_llava_takes_any_adapter_by_its_widths(make, tiny_benchmark)
+    adapter = make().build(8, 6)
+    adapter(torch.randn(2, 16, 8)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())

@@ -7,10 +7,11 @@ adaptive average pooling, attentional pooling. The Q-Former is BLIP-2's.
 
 from lightning_vlm.adapters.attention_pool import AttentionPooler
 from lightning_vlm.adapters.base import Adapter
+from lightning_vlm.adapters.c_abstractor import CAbstractor
 from lightning_vlm.adapters.perceiver import PerceiverResampler
 from lightning_vlm.adapters.projection import MLP, Identity, Linear
-from lightning_vlm.adapters.qformer import QFormer, QFormerOutput, attention_mask
+from lightning_vlm.adapters.qformer import QFormer, QFormerAdapter, QFormerOutput, attention_mask
 from lightning_vlm.adapters.spatial import AveragePool, PixelShuffle
 
-__all__ = ["MLP", "Adapter", "AttentionPooler", "AveragePool", "Identity", "Linear", "PerceiverResampler",
-           "PixelShuffle", "QFormer", "QFormerOutput", "attention_mask"]
+__all__ = ["MLP", "Adapter", "AttentionPooler", "AveragePool", "CAbstractor", "Identity", "Linear",
+           "PerceiverResampler", "PixelShuffle", "QFormer", "QFormerAdapter", "QFormerOutput", "attention_mask"]

@@ -6,7 +6,7 @@ and text then take separate feed-forward networks, both initialised from the BER
 transformers BERT checkpoint (cross-attention newly initialised), or built from a config for tiny models.
 
 Written by hand: transformers' Blip2QFormerModel takes queries only (no text, so no stage-1 masks), and its
-BERT layers have no separate query feed-forward.
+BERT layers have no separate query feed-forward. `QFormerAdapter` is the Q-Former, queries only, as an `Adapter`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_vlm.adapters.base import Adapter
 from lightning_vlm.encoders.text import load_text_encoder
 
 MaskKind = Literal["unimodal", "bidirectional", "multimodal_causal"]
@@ -122,7 +123,8 @@ class QFormer(nn.Module):
 
     ``name_or_path``: a BERT checkpoint whose embeddings, self-attention and feed-forward initialise the text
     and the query paths alike (cross-attention, queries and the decoding token are new); else ``config``
-    (keys of a transformers BertConfig) builds one from scratch. ``tokenizer`` defaults to the checkpoint's.
+    (keys of a transformers BertConfig) builds one from scratch. ``tokenizer`` defaults to the checkpoint's;
+    ``vocab_size`` sizes the word table of one built from ``config`` without a tokenizer.
     ``grad_checkpointing``: each layer recomputes its activations in backward (less memory, one more forward).
     """
 
@@ -135,10 +137,11 @@ class QFormer(nn.Module):
         num_queries: int = 32,
         cross_attention_freq: int = 2,
         grad_checkpointing: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
-        bert, self.tokenizer = load_text_encoder(name_or_path, config, None, tokenizer)
+        bert, self.tokenizer = load_text_encoder(name_or_path, config, vocab_size, tokenizer)
         c = bert.config
         self.width, self.num_queries = c.hidden_size, num_queries
         self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
@@ -230,3 +233,38 @@ class QFormer(nn.Module):
         used |= {f"encoder.layer.{i}.{t}.{p}" for i in range(len(self.layers))
                  for t in (*renames, *ffn) for p in ("weight", "bias")}
         return {"newly_initialised": sorted(missing), "unused": sorted(set(source) - used) + sorted(unexpected)}
+
+
+# blip2.yaml's Q-Former at TINY_BERT's two layers; no dropout
+ADAPTER_CONFIG: dict[str, Any] = {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
+                                  "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+class QFormerAdapter(Adapter):
+    """BLIP-2's Q-Former (Li et al., 2023) as an adapter: `num_queries` learned queries read the image tokens
+    (cross-attention every `cross_attention_freq` layers), then a linear map into the LM's width, as BLIP-2 prompts
+    its LM. Queries only, so not instruction-aware (InstructBLIP's prompt beside the queries is not taken here).
+    ``config``: keys of a BertConfig over `ADAPTER_CONFIG`.
+    """
+
+    def __init__(self, num_queries: int = 4, cross_attention_freq: int = 2,
+                 config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.num_queries, self.cross_attention_freq = num_queries, cross_attention_freq
+        self.config = {**ADAPTER_CONFIG, **(config or {})}
+
+    def _build(self, width_in: int, width_out: int) -> None:
+        self.qformer = QFormer(width_in, config=self.config, num_queries=self.num_queries,
+                               cross_attention_freq=self.cross_attention_freq, vocab_size=1)
+        # the text path never runs on queries alone: dropped, so every parameter left trains and is counted as such
+        del self.qformer.word_embeddings, self.qformer.position_embeddings, self.qformer.decoder_token
+        for layer in self.qformer.layers:
+            layer.text_ffn = nn.Identity()  # applied to an empty text part
+        self.proj = nn.Linear(self.qformer.width, width_out)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, N, D_in) -> (B, num_queries, D_out)."""
+        return self.proj(self.qformer(tokens).queries)
+
+    def num_output_tokens(self, num_tokens: int) -> int:
+        return self.num_queries

@@ -2,7 +2,8 @@
 
 The `Adapter` ones are interchangeable by YAML wherever image features meet text (LLaVA's `adapter`, BLIP-2's
 `projection`, CoCa's poolers, Flamingo's `resampler`): identity, linear, MLP, Perceiver resampler, pixel shuffle,
-adaptive average pooling, attentional pooling. The Q-Former is BLIP-2's.
+adaptive average pooling, attentional pooling, Honeybee's C-Abstractor, and BLIP-2's Q-Former reading the image
+with its queries alone (`QFormerAdapter`). The `QFormer` itself is BLIP-2's, text branch included.
 """
 
 from lightning_vlm.adapters.attention_pool import AttentionPooler

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_vlm.callbacks import AtomicCheckpointIO, BadDataLogger, BudgetMeter, SampleImageLogger
 from lightning_vlm.callbacks.progress import LineProgress
 from lightning_vlm.data.datamodule import ensure_default_benchmark
-from lightning_vlm.errors import MissingInputError, UsageError
+from lightning_vlm.errors import InvalidSettingError, MissingInputError, UsageError
 
 
 def trainer_defaults() -> dict:
@@ -245,6 +245,56 @@ def probe_main(argv: list[str]) -> int:
     return 0
 
 
+def soup_main(argv: list[str]) -> int:
+    """``soup``: average checkpoints of one recipe into one (lightning_vlm/soup.py, Wortsman et al. 2022): the
+    uniform soup, or with --greedy the greedy soup ranked by a metric of the recipe's validation."""
+    import argparse
+
+    from lightning import Trainer
+
+    from lightning_vlm.export import read_checkpoint, restore
+    from lightning_vlm.soup import check_same_architecture, greedy_soup, soup_checkpoint, uniform_soup
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_vlm soup", description=soup_main.__doc__)
+    parser.add_argument("--config", required=True, help="the recipe the checkpoints were trained with (for --greedy)")
+    parser.add_argument("--checkpoints", required=True, nargs="+", help="the ingredients (.ckpt)")
+    parser.add_argument("--out", required=True, help="the soup's checkpoint to write")
+    parser.add_argument("--greedy", action="store_true", help="the greedy soup (needs --metric)")
+    parser.add_argument("--metric", help="what the greedy soup ranks by, as validation logs it (val/i2t_r1)")
+    parser.add_argument("--lower-is-better", action="store_true", help="the metric is a loss")
+    args = parser.parse_args(argv)
+    if args.greedy != (args.metric is not None):
+        parser.error("--greedy and --metric go together")
+    for path in args.checkpoints:
+        if not Path(path).is_file():
+            raise MissingInputError(f"checkpoint {path} not found: --checkpoints takes the .ckpt files fits wrote")
+    saved = [read_checkpoint(path) for path in args.checkpoints]
+    states = [checkpoint["state_dict"] for checkpoint in saved]
+    check_same_architecture(states, args.checkpoints)
+    if not args.greedy:
+        chosen, state = args.checkpoints, uniform_soup(states)
+    else:
+        model, datamodule = load_run(args.config)
+        restore(model, saved[0])
+        trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False)
+
+        def score(weights: dict) -> float:
+            model.load_state_dict(weights)
+            trainer.validate(model, datamodule=datamodule, verbose=False)
+            if args.metric not in trainer.callback_metrics:
+                raise InvalidSettingError(f"validation logs no {args.metric}; it logs "
+                                          f"{', '.join(sorted(trainer.callback_metrics))}")
+            return float(trainer.callback_metrics[args.metric])
+
+        state, chosen, best = greedy_soup(states, args.checkpoints, score, not args.lower_is_better)
+        print(f"greedy soup of {len(chosen)} of {len(states)} checkpoints: {args.metric} {best:.4f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(soup_checkpoint(saved[0], state, chosen), args.out)
+    print(f"wrote {args.out}, the {'greedy' if args.greedy else 'uniform'} soup of {', '.join(chosen)}")
+    return 0
+
+
 def chat_main(argv: list[str]) -> int:
     """``chat``: a trained recipe talks about one image (lightning_vlm/chat.py): answers --prompt, or a conversation
     read from stdin without it; a model that embeds images and texts scores --labels zero-shot instead."""
@@ -330,8 +380,8 @@ def expected_mistake(err: BaseException) -> UsageError | None:
 
 
 def run_command(argv: list[str] | None = None) -> int:
-    """``data ...`` goes to the data tools; ``weights``, ``retention``, ``chat``, ``export`` and ``probe`` to
-    theirs; the rest to LightningCLI (`argv` None: the process arguments)."""
+    """``data ...`` goes to the data tools; ``weights``, ``retention``, ``chat``, ``export``, ``probe`` and ``soup``
+    to theirs; the rest to LightningCLI (`argv` None: the process arguments)."""
     words = sys.argv[1:] if argv is None else argv
     if words[:1] == ["data"]:
         from lightning_vlm.data.tools.cli import main as data_main
@@ -347,6 +397,8 @@ def run_command(argv: list[str] | None = None) -> int:
         return export_main(words[1:])
     if words[:1] == ["probe"]:
         return probe_main(words[1:])
+    if words[:1] == ["soup"]:
+        return soup_main(words[1:])
 
     run_cli(argv)
     return 0

@@ -1,5 +1,5 @@
 """DESIGN's layer order holds: imports only point down (tokens/distributed -> encoders -> adapters -> models ->
-losses -> data -> paradigms, callbacks, eval -> chat, export -> cli -> compare, __main__, __init__; the package's
+losses -> data -> paradigms, callbacks, eval -> chat, export, soup -> cli -> compare, __main__, __init__; the package's
 own __init__ sits on top, as it exports export's loader, imported on first use), the parts (encoders, adapters,
 models, losses) import neither lightning nor the data pipeline, and no two subpackages import each other, even
 through others. Read from the source with ast, every import counted (a function's lazy one too)."""
@@ -20,7 +20,7 @@ LAYERS = [
     {"losses"},
     {"data"},
     {"paradigms", "callbacks", "eval"},
-    {"chat", "export"},
+    {"chat", "export", "soup"},
     {"cli"},
     {"compare", "__main__", "__init__"},
 ]

@@ -387,18 +387,10 @@ def run_command(argv: list[str] | None = None) -> int:
         from lightning_vlm.data.tools.cli import main as data_main
 
         return data_main(words[1:])
-    if words[:1] == ["weights"]:
-        return weights_main(words[1:])
-    if words[:1] == ["retention"]:
-        return retention_main(words[1:])
-    if words[:1] == ["chat"]:
-        return chat_main(words[1:])
-    if words[:1] == ["export"]:
-        return export_main(words[1:])
-    if words[:1] == ["probe"]:
-        return probe_main(words[1:])
-    if words[:1] == ["soup"]:
-        return soup_main(words[1:])
+    tools = {"weights": weights_main, "retention": retention_main, "chat": chat_main, "export": export_main,
+             "probe": probe_main, "soup": soup_main}
+    if words and words[0] in tools:
+        return tools[words[0]](words[1:])
 
     run_cli(argv)
     return 0

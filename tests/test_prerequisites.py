@@ -87,9 +87,12 @@ def test_a_missing_dataset_ends_in_one_line_naming_how_to_make_one(tmp_path, mon
 
 
 def test_missing_prepared_weights_end_in_one_line_naming_the_command(tiny_benchmark, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LIGHTNING_VLM_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = write(tiny_recipe("llava_smollm2.yaml", tiny_benchmark), tmp_path / "smol.yaml")
+    recipe = tiny_recipe("llava_smollm2.yaml", tiny_benchmark)
+    recipe["model"]["init_args"]["init_from"] = []  # else its made_by would train recipes/clip.yaml first
+    config = write(recipe, tmp_path / "smol.yaml")
     assert main(["fit", "--config", config]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no prepared copy" in err and "python -m lightning_vlm weights prepare" in err

@@ -152,12 +152,15 @@ def load_model(config: str, checkpoint: str | None = None, *overrides: str) -> L
 
 def load_run(config: str, checkpoint: str | None = None, *overrides: str) -> tuple[LightningModule, Any]:
     """`load_model`'s paradigm (in eval mode) and the recipe's DataModule, which normalises images as that model
-    expects without a trainer to introduce them."""
+    expects without a trainer to introduce them. A checkpoint is restored as `export.restore` does: the LoRA its
+    staged-freezing plan injected comes back before the weights load."""
+    from lightning_vlm.export import read_checkpoint, restore
+
     args = ["--config", config, "--model.init_args.init_from", "[]", "--trainer.logger", "false", *overrides]
     cli = VLMCLI(args=args, run=False, trainer_defaults={})
     model, datamodule = cli.model, cli.datamodule
     if checkpoint is not None:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        restore(model, read_checkpoint(checkpoint))
     datamodule.hparams.image_mean = datamodule.hparams.image_mean or model.image_mean
     datamodule.hparams.image_std = datamodule.hparams.image_std or model.image_std
     return model.eval(), datamodule
@@ -302,7 +305,7 @@ def chat_main(argv: list[str]) -> int:
 
     from lightning_vlm import chat
     from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
-    from lightning_vlm.export import read_checkpoint, require_recipe, restore
+    from lightning_vlm.export import require_recipe
 
     parser = argparse.ArgumentParser(prog="python -m lightning_vlm chat", description=chat_main.__doc__)
     parser.add_argument("--config", required=True, help="the recipe the model was trained with")
@@ -313,10 +316,8 @@ def chat_main(argv: list[str]) -> int:
     ask.add_argument("--labels", help="comma-separated texts to score: 'a red circle,a blue square'")
     args = parser.parse_args(argv)
     image = chat.read_image(args.image)
-    saved = read_checkpoint(require_recipe(args.config) and args.checkpoint)
-    model, datamodule = load_run(args.config)
+    model, datamodule = load_run(require_recipe(args.config), args.checkpoint)
     chat.check_request(model, labels=args.labels is not None)
-    restore(model, saved)
     data = datamodule.hparams
     pixels = chat.image_pixels(image, ImageTransform(data.image_size, data.image_mean or CLIP_MEAN,
                                                      data.image_std or CLIP_STD))

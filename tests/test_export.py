@@ -63,6 +63,9 @@ def test_llava_with_lora_round_trips_and_its_merged_lm_loads_in_transformers(pri
     paradigm.eval()
     checkpoint = save_checkpoint(paradigm, tmp_path / "last.ckpt", callbacks={"StagedFreezing": plan.state_dict()})
     assert export_command(recipe, checkpoint, tmp_path / "out") == 0
+    reloaded = load_model(str(recipe), str(checkpoint)).state_dict()  # the plan's LoRA comes back before the weights
+    assert reloaded.keys() == paradigm.state_dict().keys()
+    assert all(torch.equal(value, reloaded[key]) for key, value in paradigm.state_dict().items())
 
     private_data.rename(tmp_path / "moved")  # nothing may read the data folder any more
     ids = torch.randint(0, 50, (2, 7))

@@ -13,6 +13,7 @@ from pathlib import Path
 from lightning_vlm.data.synthetic.generator import DEFAULT_SIZES
 from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
 from lightning_vlm.data.tools.inspect import inspect_shards
+from lightning_vlm.errors import UsageError
 
 
 def main(argv: list[str]) -> int:
@@ -20,6 +21,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(args.handler(args))
+    except UsageError:
+        raise  # lightning_vlm.cli.main prints its one line and exits with status 2
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -43,8 +46,9 @@ def run_synth(args: argparse.Namespace) -> str:
     from lightning_vlm.data.synthetic import generate_benchmark
 
     sizes = {split: getattr(args, split) for split in DEFAULT_SIZES}
+    noise = {"caption_noise": args.caption_noise} if args.caption_noise else {}  # none: the call of earlier versions
     generate_benchmark(args.out, sizes=sizes, seed=args.seed, image_size=args.image_size, with_text=not args.no_text,
-                       samples_per_shard=args.samples_per_shard, num_workers=args.workers)
+                       samples_per_shard=args.samples_per_shard, num_workers=args.workers, **noise)
     return f"wrote the synthetic benchmark to {args.out}\n" + inspect_shards(args.out, samples=1)
 
 
@@ -79,6 +83,8 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--samples-per-shard", type=int, default=1000)
     synth.add_argument("--workers", type=int, default=None,
                        help="worker processes (default: one per CPU; 0: this process)")
+    synth.add_argument("--caption-noise", type=float, default=0.0, metavar="P",
+                       help="share of train captions made wrong, each sample's json saying so in 'noisy' (default 0)")
 
 
 def _add_convert(commands: argparse._SubParsersAction) -> None:

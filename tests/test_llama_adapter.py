@@ -1,6 +1,6 @@
-"""LLaMA-Adapter: zero gates leave the LM bit-identical, one prompt is read as its gated value by every token, the
-fusion plans train only prompts, gates and projection, an opened gate lets the image change the output, generation
-reads the prompts as training does, and the comparison's entries pass its checks."""
+"""LLaMA-Adapter: zero gates leave the LM bit-identical, one prompt is read as its gated value by every token, an LM
+it cannot read fails at once, the fusion plans train only prompts, gates and projection, an opened gate lets the image
+change the output, generation reads the prompts as training does, and the comparison's entries pass its checks."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def test_one_prompt_is_read_by_every_token_as_its_value_scaled_by_its_heads_gate
     value = attention.v_proj(prompt)  # (2, 1, head_dim): one key/value head serves both heads
     expected = attention.o_proj(torch.cat([gate[0] * value, gate[1] * value], dim=-1)).expand(-1, 5, -1)
     torch.testing.assert_close(read, expected)
+
+
+def test_an_lm_it_cannot_read_fails_at_construction_naming_why(tiny_benchmark):
+    with pytest.raises(ValueError, match="without grad_checkpointing"):
+        LLaMAAdapter(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT),
+                     LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM, grad_checkpointing=True))
+    with pytest.raises(ValueError, match="between 1 and the LM's 2 layers"):
+        LLaMAAdapter(VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT),
+                     LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM), num_layers=3)
 
 
 def fusion_plan(label: str) -> StagedFreezing:

@@ -81,6 +81,9 @@ class AdaptionPrompts(nn.Module):
         self.gates = nn.Parameter(torch.zeros(len(layer_indices), heads))
         self._image: Tensor | None = None
         for slot, index in enumerate(layer_indices):
+            if getattr(layers[index], "gradient_checkpointing", False):
+                raise ValueError("LLaMA-Adapter needs the LM without grad_checkpointing: a checkpointed layer is "
+                                 "recomputed in the backward pass, after `prompting` has released the image")
             attention = layers[index].self_attn
             check_attention(attention)
             attention.register_forward_hook(self._hook(slot), with_kwargs=True)

@@ -17,6 +17,11 @@ Contrastive examples carry no labels at all; their hard-negative captions, when 
 (B * k,) False where an example had fewer than k. With a ``caption_tokenizer`` (a second text consumer, e.g.
 BLIP-2's Q-Former beside its LM), every example's caption is also tokenised by it, laid out as a contrastive
 text: ``caption_input_ids`` / ``caption_attention_mask``.
+
+With ``pad_images`` (images kept at their own size and aspect ratio) the images are padded at the bottom and right
+to the largest of the batch: ``pixel_mask`` (B, H, W) is True on each image's own pixels, and the padding of
+``pixel_values`` is NaN, so a model, which the paradigm hands pixel values alone, reads the mask off them
+(`lightning_vlm.encoders.patches.split_padding`) and a reader that ignores it fails loudly instead of reading grey.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Collator:
     caption_tokenizer: PreTrainedTokenizerBase | None = None
     image_token: str | None = None
     shots: int = 2
+    pad_images: bool = False
 
     def __post_init__(self) -> None:
         self._captions = Collator(self.caption_tokenizer, self.max_length) if self.caption_tokenizer else None
@@ -65,8 +71,10 @@ class Collator:
     def __call__(self, examples: list[Example], num_skipped: int = 0, num_read_errors: int = 0) -> dict:
         texts, image_index = self._with_demonstrations([ex.text for ex in examples])
         input_ids, attention_mask, labels = self._pad(self._encode_all(texts))
+        pixels = [ex.pixel_values for ex in examples]
+        pixel_values, pixel_mask = pad_images(pixels) if self.pad_images else (torch.stack(pixels), None)
         batch = {
-            "pixel_values": torch.stack([ex.pixel_values for ex in examples]),
+            "pixel_values": pixel_values,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -75,6 +83,8 @@ class Collator:
             "num_skipped": num_skipped,
             "num_read_errors": num_read_errors,
         }
+        if pixel_mask is not None:
+            batch["pixel_mask"] = pixel_mask
         if self.image_token is not None:
             batch["image_index"] = pad_index(image_index)
         negatives = [text for ex in examples for text in ex.text.negatives]
@@ -200,6 +210,18 @@ class Collator:
         return ids, labels
 
 
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, H_i, W_i) images -> (B, C, H, W) padded at the bottom and right with NaN, and the (B, H, W) mask of
+    their own pixels."""
+    height, width = max(image.shape[1] for image in images), max(image.shape[2] for image in images)
+    pixels = images[0].new_full((len(images), images[0].shape[0], height, width), float("nan"))
+    mask = torch.zeros(len(images), height, width, dtype=torch.bool)
+    for i, image in enumerate(images):
+        pixels[i, :, : image.shape[1], : image.shape[2]] = image
+        mask[i, : image.shape[1], : image.shape[2]] = True
+    return pixels, mask
+
+
 def pad_index(rows: list[list[int]]) -> torch.Tensor:
     """Ragged lists of indices as a (B, K) tensor padded with -1."""
     index = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
@@ -219,5 +241,7 @@ def first_rows(batch: dict, count: int) -> dict:
     renumber = torch.arange(len(batch["pixel_values"]), device=index.device)
     renumber[later] = torch.arange(count, count + len(later), device=index.device)
     rows["pixel_values"] = torch.cat([rows["pixel_values"], batch["pixel_values"][later]])
+    if "pixel_mask" in batch:
+        rows["pixel_mask"] = torch.cat([rows["pixel_mask"], batch["pixel_mask"][later]])
     rows["image_index"] = torch.where(index >= 0, renumber[index.clamp_min(0)], index)
     return rows

@@ -5,7 +5,8 @@ with labels IGNORE_INDEX wherever no loss applies; ``meta`` (list of per-sample 
 target, objects, qa, hard_negatives, flipped); with ``hard_negatives: k`` training batches of contrastive
 examples add ``negative_input_ids`` / ``negative_attention_mask`` / ``negative_valid`` (see `Collator`); a model
 with a second text consumer that reads captions (BLIP-2's Q-Former) declares ``caption_tokenizer`` and
-batches add ``caption_input_ids`` / ``caption_attention_mask``;
+batches add ``caption_input_ids`` / ``caption_attention_mask``; with ``keep_aspect`` images keep their own size
+and ``pixel_mask`` (B, H, W) marks each one's pixels in the padded ``pixel_values`` (NaN padding: see `Collator`);
 ``num_skipped`` / ``num_read_errors`` (bad data this batch's
 worker dropped since its previous batch, logged by `BadDataLogger`); ``modality``: "pair", or "image" / "text" for
 a batch of a unimodal source (`ShardSource(modality=...)`, for FLAVA).
@@ -78,6 +79,12 @@ class ShardDataModule(LightningDataModule):
             the mixture's weights then hold per batch instead of per sample.
         blind: evaluation images zeroed (the normalised mean), a control for what a model answers from the text
             alone; training batches keep their images.
+        keep_aspect: native resolution (Fuyu, Pixtral, LLaVA-NeXT's AnyRes): each image keeps its aspect ratio, its
+            longer side resized to ``image_size`` and both sides to multiples of ``size_multiple`` (the model's
+            patch size), and a batch is padded to its largest image with a pixel mask. Off: square images.
+        bucket_window: with ``keep_aspect``, training batches are cut from windows of this many batches' examples
+            sorted by image size, so a batch holds images of similar size and pads little (0: no bucketing).
+            Evaluation keeps the split's order: a size-sorted window would bias the first ``eval_max_samples``.
 
     Checkpoints keep the training stream's position (`state_dict`), so a run resumed mid-epoch reads exactly the
     batches an uninterrupted run would, in the same order. Resuming mid-epoch with another world size, number of
@@ -117,6 +124,9 @@ class ShardDataModule(LightningDataModule):
         shots: int = 2,
         group_by_task: bool = False,
         blind: bool = False,
+        keep_aspect: bool = False,
+        size_multiple: int = 1,
+        bucket_window: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -202,6 +212,7 @@ class ShardDataModule(LightningDataModule):
             drop_last=True,
             seed=self.hparams.seed,
             group_by_task=self.hparams.group_by_task,
+            bucket_window=self.hparams.bucket_window if self.hparams.keep_aspect else 0,
         )
         return sources, self.hparams.tasks, config
 
@@ -211,7 +222,7 @@ class ShardDataModule(LightningDataModule):
         sources, tasks, config = self._train_stream()
         shards = [[Path(url).name for url in source.urls()] for source in sources]
         mixture = [[source.weight, source.modality] for source in sources]
-        return {
+        identity = {
             "world_size": self.trainer.world_size if self.trainer else 1,
             "num_workers": self.hparams.num_workers,
             "batch_size": config.batch_size,
@@ -224,6 +235,9 @@ class ShardDataModule(LightningDataModule):
             "mixture": mixture,
             "shards": f"{sum(map(len, shards))} shards, sha1 {hashlib.sha1(repr(shards).encode()).hexdigest()[:12]}",
         }
+        if config.bucket_window:  # named only when on, so checkpoints written before bucketing existed still resume
+            identity["bucket_window"] = config.bucket_window
+        return identity
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(split) for split in self.val_names]
@@ -252,6 +266,8 @@ class ShardDataModule(LightningDataModule):
             hflip=self.hparams.hflip if train else 0.0,
             crop_scale=self.hparams.crop_scale if train else None,
             blind=self.hparams.blind and not train,
+            keep_aspect=self.hparams.keep_aspect,
+            size_multiple=self.hparams.size_multiple,
         )
         negatives = self.hparams.hard_negatives if train else 0  # eval losses stay comparable across recipes
         object_captions = self.hparams.object_captions if train else 0.0  # evaluation scores the scenes' captions
@@ -260,7 +276,8 @@ class ShardDataModule(LightningDataModule):
                                   system_prompt=self.hparams.system_prompt, chat_turns=self.hparams.chat_turns)
         model = self._model()
         collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer,
-                           model.image_token if model is not None else None, self.hparams.shots)
+                           model.image_token if model is not None else None, self.hparams.shots,
+                           pad_images=self.hparams.keep_aspect)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
         position = self._next_position if train and self.trainer is not None else None

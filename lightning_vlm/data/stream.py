@@ -44,7 +44,8 @@ from lightning_vlm.errors import MissingInputError
 
 @dataclass
 class StreamConfig:
-    """How one split is streamed. `samples_per_epoch` is per rank; None means one pass over the shards."""
+    """How one split is streamed. `samples_per_epoch` is per rank; None means one pass over the shards.
+    `bucket_window`: batches are cut from windows of this many batches' examples sorted by image size (0: off)."""
 
     batch_size: int = 32
     shuffle_buffer: int = 0
@@ -53,6 +54,7 @@ class StreamConfig:
     drop_last: bool = False
     seed: int = 0
     group_by_task: bool = False
+    bucket_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class ShardStream(IterableDataset):
         if self.config.shuffle_buffer > 1:
             raw = _shuffled(raw, self.config.shuffle_buffer, rng)
         examples = (ex for ex in (self._prepare(r, counter, rng, modality) for r in raw) if ex is not None)
-        for batch in self._batched(examples, counter):
+        for batch in self._batched(examples, counter, rng):
             batch["modality"] = modality
             yield batch
 
@@ -143,25 +145,41 @@ class ShardStream(IterableDataset):
         meta = dict(sample.info, key=sample.key, caption=sample.caption, flipped=flipped, **text.extra)
         return Example(pixels, text, meta)
 
-    def _batched(self, examples: Iterator[Example], counter: BadDataCounter) -> Iterator[dict]:
+    def _batched(self, examples: Iterator[Example], counter: BadDataCounter, rng: random.Random) -> Iterator[dict]:
         """Full batches, each held back until the next example is read so trailing skips are still reported.
 
         With ``group_by_task`` every batch holds examples of one task (filled side by side, in arrival order), so
-        a batch of one-line questions is not padded to a caption's length, as LLaVA groups by modality.
+        a batch of one-line questions is not padded to a caption's length, as LLaVA groups by modality. With
+        ``bucket_window`` a group fills a window of that many batches, which `_bucketed` cuts into batches of
+        images of similar size; what is left at the end is bucketed alike, so only a last partial batch is dropped.
         """
+        window = self.config.batch_size * max(1, self.config.bucket_window)
         filling: dict[str, list[Example]] = {}
-        ready: list[Example] | None = None
+        ready: list[list[Example]] = []
         for example in examples:
-            if ready:
-                yield self.collate(ready, *counter.take())
-                ready = None
+            for batch in ready:
+                yield self.collate(batch, *counter.take())
+            ready = []
             group = example.text.task if self.config.group_by_task else ""
             filling.setdefault(group, []).append(example)
-            if len(filling[group]) == self.config.batch_size:
-                ready = filling.pop(group)
-        partial = [] if self.config.drop_last else list(filling.values())
-        for last in ([ready] if ready else []) + partial:  # a held batch leaves no partial one of its task
+            if len(filling[group]) == window:
+                ready = self._bucketed(filling.pop(group), rng)
+        left = [batch for group in filling.values() for batch in self._bucketed(group, rng)]
+        if self.config.drop_last:
+            left = [batch for batch in left if len(batch) == self.config.batch_size]
+        for last in ready + left:  # a held window leaves no partial batch of its task
             yield self.collate(last, *counter.take())
+
+    def _bucketed(self, examples: list[Example], rng: random.Random) -> list[list[Example]]:
+        """The examples as batches: as they came without bucketing; else sorted by image size (height, width),
+        cut into batches (the last may be partial), the batches' order shuffled."""
+        if not self.config.bucket_window:
+            return [examples]
+        ordered = sorted(examples, key=lambda example: tuple(example.pixel_values.shape[1:]))
+        size = self.config.batch_size
+        batches = [ordered[start:start + size] for start in range(0, len(ordered), size)]
+        rng.shuffle(batches)
+        return batches
 
 
 class EpochLoader(DataLoader):

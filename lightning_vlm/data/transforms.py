@@ -54,6 +54,13 @@ def mirror_box(box: list[float], width: int) -> list[float]:
     return [width - x1, y0, width - x0, y1]
 
 
+def aspect_size(width: int, height: int, longest: int, multiple: int = 1) -> tuple[int, int]:
+    """(height, width) of an image resized so its longer side is `longest` with its aspect ratio kept, each side
+    rounded to a multiple of `multiple` (a patch size) and at least one multiple."""
+    scale = longest / max(width, height)
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))
+
+
 @dataclass
 class ImageTransform:
     """Resize (or random-resized-crop) and normalise; boxes in `info['objects']` follow the geometry.
@@ -61,6 +68,8 @@ class ImageTransform:
     `hflip` is the flip probability; samples with written text are never flipped (mirrored letters would
     no longer read as their label). `crop_scale`, when set, turns on a random resized crop for training. `blind`
     zeroes every normalised image (the dataset's mean colour), the control that shows a model's language priors.
+    `keep_aspect` resizes to `aspect_size` instead of a square: the longer side `image_size`, both sides multiples
+    of `size_multiple` (native resolution: Fuyu, Pixtral, LLaVA-NeXT's AnyRes).
     """
 
     image_size: int = 64
@@ -69,8 +78,12 @@ class ImageTransform:
     hflip: float = 0.0
     crop_scale: tuple[float, float] | None = None
     blind: bool = False
+    keep_aspect: bool = False
+    size_multiple: int = 1
 
     def __post_init__(self) -> None:
+        if self.keep_aspect and self.crop_scale:
+            raise ValueError("keep_aspect and crop_scale exclude each other: a random resized crop is square")
         size = (self.image_size, self.image_size)
         resize = v2.RandomResizedCrop(size, scale=self.crop_scale) if self.crop_scale else v2.Resize(size)
         self._geometry = v2.Compose([resize, v2.ClampBoundingBoxes()])
@@ -81,19 +94,27 @@ class ImageTransform:
         flipped = self.hflip > 0 and not sample.info.get("word") and rng.random() < self.hflip
         if flipped:
             sample = hflip_sample(sample)
-        if not self.crop_scale and sample.image.size == (self.image_size, self.image_size):
+        size = self._size(*sample.image.size)
+        if not self.crop_scale and sample.image.size == size[::-1]:
             return self._pixels(v2.functional.pil_to_tensor(sample.image)), sample, flipped
         objects = sample.info.get("objects", [])
         image = tv_tensors.Image(v2.functional.pil_to_tensor(sample.image))
         boxes = tv_tensors.BoundingBoxes(
             [o["box"] for o in objects] or torch.zeros(0, 4), format="XYXY", canvas_size=image.shape[-2:]
         )
+        geometry = v2.Compose([v2.Resize(size), v2.ClampBoundingBoxes()]) if self.keep_aspect else self._geometry
         with _torch_seeded(rng) if self.crop_scale else contextlib.nullcontext():
-            image, boxes = self._geometry(image, boxes)
+            image, boxes = geometry(image, boxes)
         if objects:
             info = dict(sample.info, objects=[dict(o, box=b.tolist()) for o, b in zip(objects, boxes)])
             sample = RawSample(sample.key, sample.image, sample.caption, info)
         return self._pixels(image), sample, flipped
+
+    def _size(self, width: int, height: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is resized to."""
+        if self.keep_aspect:
+            return aspect_size(width, height, self.image_size, self.size_multiple)
+        return self.image_size, self.image_size
 
     def _pixels(self, image: torch.Tensor) -> torch.Tensor:
         pixels = self._to_tensor(image)

@@ -51,8 +51,10 @@ def tokenizer(tiny_benchmark) -> str:
 
 
 def test_experts_equal_to_the_lm_leave_its_predictions_unchanged(tokenizer):
-    model = build(tokenizer)
-    plain = copy.deepcopy(model.language_model.model)  # the LM alone: no expert hooks on it
+    torch.manual_seed(0)
+    language_model = LanguageModel(tokenizer=tokenizer, config=TINY_LM)
+    plain = copy.deepcopy(language_model.model)  # the LM alone, before the experts hook into it
+    model = CogVLM(RawPatches(patch_size=16), language_model, Linear()).eval()
     pixels, ids, mask = inputs(model)
     sequence = model.interleave(pixels, ids, mask, labels=ids)
     image = sequence.image_slot >= 0
@@ -184,3 +186,18 @@ def test_prompts_of_different_lengths_decode_as_each_alone(tokenizer):
     alone = [model.generate(pixels[:2], ids[:1], mask[:1], index[:1], **options),
              model.generate(pixels[2:], ids[1:, 1:], mask[1:, 1:], torch.tensor([[0]]), **options)]
     assert torch.equal(batched, torch.cat(alone))
+
+
+def test_lora_on_the_lm_keeps_the_experts_on_its_base_layers(tokenizer):
+    model = build(tokenizer)
+    perturb_experts(model)
+    pixels, ids, mask = inputs(model)
+    with torch.no_grad():
+        before = model(pixels, ids, mask, ids).hidden
+    lora = {"language_model": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    StagedFreezing([{"start_step": 0, "freeze": ["vision"], "lora": lora}]).apply(ImageToText(model))
+    with torch.no_grad():  # the adapters start inert: the same predictions, the image tokens still routed
+        assert torch.equal(model(pixels, ids, mask, ids).hidden, before)
+    model.language_model.load_state_dict(model.language_model.state_dict())
+    base = model.language_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert torch.equal(model.visual_experts.layers[0]["q_proj"].linear.weight, base.weight)

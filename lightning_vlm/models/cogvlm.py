@@ -112,7 +112,7 @@ class VisualExperts(nn.Module):
         generated = image.new_zeros(len(image), max(0, start + length - image.shape[1]))
         self.route.current = torch.cat([image, generated], dim=1)[:, start:start + length]
 
-    def _copy_language_model(self, language_model: nn.Module, incompatible_keys: Any) -> None:
+    def _copy_language_model(self, language_model: LanguageModel, incompatible_keys: Any) -> None:
         """The LM's weights were loaded: the experts start from them again."""
         with torch.no_grad():
             for experts, linears in zip(self.layers, decoder_linears(language_model, self.targets), strict=True):
@@ -122,7 +122,8 @@ class VisualExperts(nn.Module):
 
 class Expert(nn.Module):
     """A trainable float32 copy of one of the LM's linear layers, whose output replaces that layer's on the image
-    tokens (a forward hook on the original): text tokens never reach it, image tokens never reach the original."""
+    tokens (a forward hook on the original, which still computes them all): text tokens never reach the copy, and the
+    original's outputs on image tokens are dropped, so neither receives gradient from the other's tokens."""
 
     def __init__(self, original: nn.Linear, route: Route) -> None:
         super().__init__()
@@ -143,11 +144,10 @@ class Expert(nn.Module):
         return output.index_put((image,), on_images)
 
 
-def decoder_linears(language_model: nn.Module, targets: Sequence[str]) -> list[dict[str, nn.Linear]]:
+def decoder_linears(language_model: LanguageModel, targets: Sequence[str]) -> list[dict[str, nn.Linear]]:
     """Per decoder layer, its linear layers named in `targets` (the base layer where peft's LoRA wraps one)."""
-    model = language_model.model if isinstance(language_model, LanguageModel) else language_model
     found = []
-    for layer in model.get_decoder().layers:
+    for layer in language_model.model.get_decoder().layers:
         linears = {}
         for path, module in layer.named_modules():
             name = path.rsplit(".", 1)[-1]

@@ -1,4 +1,4 @@
-"""``python -m lightning_vlm data {synth,convert,inspect}``: make, convert and look at webdataset shards.
+"""``python -m lightning_vlm data {synth,convert,inspect,curate}``: make, convert, look at and filter webdataset shards.
 
 A thin argparse layer: each subcommand calls one importable function and prints its report.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from lightning_vlm.data.synthetic.generator import DEFAULT_SIZES
 from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
 from lightning_vlm.data.tools.inspect import inspect_shards
-from lightning_vlm.errors import UsageError
+from lightning_vlm.errors import InvalidSettingError, UsageError
 
 
 def main(argv: list[str]) -> int:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_synth(commands)
     _add_convert(commands)
+    _add_curate(commands)
     shown = _subcommand(commands, "inspect", "summarise shards: counts, keys, image sizes, samples", run_inspect)
     shown.add_argument("path", help="dataset root, a single .tar, or a brace pattern such as 'shard-{000..009}.tar'")
     shown.add_argument("--samples", type=int, default=3, help="example samples shown per split")
@@ -70,6 +71,22 @@ def run_inspect(args: argparse.Namespace) -> str:
     return inspect_shards(args.path, samples=args.samples)
 
 
+def run_curate(args: argparse.Namespace) -> str:
+    """Filter a split (the scorer, the slow part, loaded once the paths and rules are known to be right)."""
+    from lightning_vlm.data.tools.clipscore import load_scorer
+    from lightning_vlm.data.tools.curate import Rules, curate, input_splits
+
+    if (args.scorer_config is None) != (args.scorer_checkpoint is None):
+        raise InvalidSettingError("--scorer-config and --scorer-checkpoint go together")
+    rules = Rules(args.min_side, args.max_side, args.max_aspect_ratio, args.min_chars, args.max_chars, args.min_words,
+                  args.max_words, args.dedup_captions, args.near_duplicates, args.min_score, args.keep_fraction)
+    input_splits(args.root, args.out, args.split)
+    rules.check(args.scorer_config is not None)
+    scorer = load_scorer(args.scorer_config, args.scorer_checkpoint) if args.scorer_config else None
+    report = curate(args.root, args.out, rules, args.split, scorer, args.samples_per_shard, args.batch_size)
+    return report.markdown(args.examples) + f"\nwrote {report.kept} samples and the report to {args.out}"
+
+
 def _add_synth(commands: argparse._SubParsersAction) -> None:
     """``data synth``: options of the synthetic benchmark generator, a size per default split."""
     synth = _subcommand(commands, "synth", "generate the synthetic benchmark shards", run_synth)
@@ -103,6 +120,36 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--out", type=Path, required=True, help="dataset root; shards go to OUT/SPLIT/")
         sub.add_argument("--split", default="train", help="split name (other splits in OUT are kept)")
         sub.add_argument("--samples-per-shard", type=int, default=1000)
+
+
+def _add_curate(commands: argparse._SubParsersAction) -> None:
+    """``data curate``: the dataset, then the heuristic rules, then the CLIPScore scorer and its cut."""
+    curate = _subcommand(commands, "curate", "write a filtered copy of a split and a report of what each rule removed",
+                         run_curate)
+    curate.add_argument("--in", dest="root", type=Path, required=True, help="dataset root to read")
+    curate.add_argument("--out", type=Path, required=True, help="dataset root to write (not --in)")
+    curate.add_argument("--split", default="train", help="split filtered; the others are copied as they are")
+    curate.add_argument("--samples-per-shard", type=int, default=1000)
+    curate.add_argument("--examples", type=int, default=5, help="removed samples shown per rule")
+    bounds = curate.add_argument_group("heuristics (applied in this order)")
+    bounds.add_argument("--min-side", type=int, help="drop images whose shorter side is under N pixels")
+    bounds.add_argument("--max-side", type=int, help="drop images whose longer side is over N pixels")
+    bounds.add_argument("--max-aspect-ratio", type=float, help="drop images whose long / short side exceeds R")
+    bounds.add_argument("--min-chars", type=int, help="drop captions shorter than N characters")
+    bounds.add_argument("--max-chars", type=int, help="drop captions longer than N characters")
+    bounds.add_argument("--min-words", type=int, help="drop captions of fewer than N words")
+    bounds.add_argument("--max-words", type=int, help="drop captions of more than N words")
+    bounds.add_argument("--dedup-captions", choices=["exact", "normalized"],
+                        help="keep the first sample of each caption (normalized: up to case, punctuation, spacing)")
+    bounds.add_argument("--near-duplicates", type=int, metavar="BITS",
+                        help="keep the first of images whose 64-bit difference hashes differ in at most BITS bits")
+    scoring = curate.add_argument_group("CLIPScore from a trained contrastive model (after the heuristics)")
+    scoring.add_argument("--scorer-config", help="its recipe, e.g. recipes/clip.yaml")
+    scoring.add_argument("--scorer-checkpoint", help="its trained weights, e.g. checkpoints/clip/last.ckpt")
+    cut = scoring.add_mutually_exclusive_group()
+    cut.add_argument("--min-score", type=float, help="drop pairs under this CLIPScore (2.5 x max(cos, 0))")
+    cut.add_argument("--keep-fraction", type=float, help="keep only this best-scoring share of the pairs scored")
+    scoring.add_argument("--batch-size", type=int, default=256, help="pairs scored at once")
 
 
 def _subcommand(

@@ -147,22 +147,29 @@ def write_shards(
 ) -> ConvertReport:
     """Write the samples whose image is usable to ``out/split/shard-*.tar``, replacing that split's old shards,
     and record the split in the manifest."""
-    split_dir = out / split
+    report = ConvertReport(out=out, split=split)
+    records = (_record(n, *usable) for n, usable in enumerate(_readable(samples, images, report)))
+    written, report.samples = write_records(records, out / split, samples_per_shard)
+    report.shards = [path.relative_to(out).as_posix() for path in written]
+    update_manifest(out, split, report.samples, report.shards, source)
+    return report
+
+
+def write_records(records: Iterable[dict[str, Any]], split_dir: Path, samples_per_shard: int) -> tuple[list[Path], int]:
+    """Write webdataset records to ``split_dir/shard-*.tar``, replacing the shards there; return the shards written
+    and the number of records."""
     split_dir.mkdir(parents=True, exist_ok=True)
     for old in split_dir.glob("shard-*.tar"):
         old.unlink()
-    report = ConvertReport(out=out, split=split)
     written: list[str] = []
+    count = 0
     with wds.ShardWriter(str(split_dir / SHARD_PATTERN), maxcount=samples_per_shard, verbose=0,
                          post=written.append) as sink:
-        for sample, key, data in _readable(samples, images, report):
-            sink.write(_record(report.samples, sample, key, data))
-            report.samples += 1
-    if report.samples == 0:  # ShardWriter opens its first shard eagerly; an empty tar is not a shard
+        for count, record in enumerate(records, 1):  # noqa: B007 - counted
+            sink.write(record)
+    if count == 0:  # ShardWriter opens its first shard eagerly; an empty tar is not a shard
         Path(written.pop()).unlink()
-    report.shards = [Path(name).relative_to(out).as_posix() for name in written]
-    update_manifest(out, split, report.samples, report.shards, source)
-    return report
+    return [Path(name) for name in written], count
 
 
 def update_manifest(out: Path, split: str, count: int, shards: list[str], source: dict[str, str]) -> None:

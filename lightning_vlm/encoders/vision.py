@@ -23,6 +23,9 @@ class VisionOutput:
     extra_tokens: (B, K, D) outputs at the K appended learnable tokens (Llip's mixture tokens), or None.
     patch_mask: (B, N) True where the patch embedding was replaced by the mask token (masked image modelling),
         or None.
+    grid: (rows, columns) of the patch tokens in raster order, where the encoder knows them (None: a square).
+    valid: (B, N) False on the patches of batch padding (images of different sizes padded to the largest), or None
+        when every patch is an image's own.
     """
 
     tokens: Tensor
@@ -30,6 +33,8 @@ class VisionOutput:
     pooled: Tensor
     extra_tokens: Tensor | None = None
     patch_mask: Tensor | None = None
+    grid: tuple[int, int] | None = None
+    valid: Tensor | None = None
 
 
 @dataclass

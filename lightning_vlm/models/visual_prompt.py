@@ -4,11 +4,13 @@ Shared by every model that feeds images to a decoder-only LM as input tokens (BL
 prefix-LM, Fuyu): a subclass says how it makes the visual prompt (`visual_prompt`), this class places it in the
 text, trains and decodes. The text marks each image with the LM's ``<image>`` token and ``image_index`` says
 which image of the batch each placeholder shows (a few-shot sequence shows several); text without any
-placeholder reads its own image ahead of it.
+placeholder reads its own image ahead of it. Images may give different numbers of tokens (native resolution,
+AnyRes): `image_tokens` then says how many of each image's tokens are its own, and only those are placed.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -45,12 +47,14 @@ def images_per_row(visual: Tensor, image_index: Tensor | None) -> Tensor:
 
 
 def place_images(visual: Tensor, text_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, image_token_id: int,
-                 image_index: Tensor | None = None, labels: Tensor | None = None) -> Interleaved:
+                 image_index: Tensor | None = None, labels: Tensor | None = None,
+                 lengths: Tensor | None = None) -> Interleaved:
     """Each placeholder token of row b replaced by the M visual tokens of image ``image_index[b, k]`` (its k-th
     placeholder), the text around it moved along; rows end-padded to the longest.
 
-    visual (N, M, D) for the batch's N images; text_embeds (B, L, D). Written by hand: transformers' LLaVA
-    expects the processor to have repeated each placeholder M times, which ties the data side to the adapter.
+    visual (N, M, D) for the batch's N images; text_embeds (B, L, D); ``lengths`` (N,): image n gives only its
+    first ``lengths[n]`` tokens (None: all M). Written by hand: transformers' LLaVA expects the processor to have
+    repeated each placeholder M times, which ties the data side to the adapter.
     """
     batch, length = input_ids.shape
     num_tokens = visual.shape[1]
@@ -58,7 +62,8 @@ def place_images(visual: Tensor, text_embeds: Tensor, input_ids: Tensor, attenti
     if not is_placeholder.any():  # no image placed anywhere: each row reads its image first
         text_embeds, input_ids, attention_mask, labels = _placeholder_first(text_embeds, input_ids, attention_mask,
                                                                             labels, image_token_id)
-        return place_images(visual, text_embeds, input_ids, attention_mask, image_token_id, image_index, labels)
+        return place_images(visual, text_embeds, input_ids, attention_mask, image_token_id, image_index, labels,
+                            lengths)
     if image_index is None:
         image_index = torch.arange(batch, device=input_ids.device)[:, None]
     number = image_numbers(input_ids, image_token_id)
@@ -67,9 +72,11 @@ def place_images(visual: Tensor, text_embeds: Tensor, input_ids: Tensor, attenti
     if (number[rows, positions] >= image_index.shape[1]).any() or (shown < 0).any():
         raise ValueError("the text has more image placeholders than image_index gives images")
 
-    earlier = is_placeholder.long().cumsum(1) - is_placeholder.long()
-    start = torch.arange(length, device=input_ids.device) + (num_tokens - 1) * earlier  # (B, L) new positions
-    new_length = length + (num_tokens - 1) * int(is_placeholder.sum(1).max())
+    counts = lengths[shown] if lengths is not None else torch.full_like(shown, num_tokens)  # per placeholder
+    grown = torch.zeros_like(input_ids)
+    grown[rows, positions] = counts - 1
+    start = torch.arange(length, device=input_ids.device) + grown.cumsum(1) - grown  # (B, L) new positions
+    new_length = length + int(grown.sum(1).max())
     source = input_ids.new_zeros(batch, new_length)  # into [text tokens of all rows; visual tokens of all images]
     slot = input_ids.new_full((batch, new_length), -1)
     mask = attention_mask.new_zeros(batch, new_length)
@@ -77,11 +84,13 @@ def place_images(visual: Tensor, text_embeds: Tensor, input_ids: Tensor, attenti
     text_start = start[text_rows, text_positions]
     source[text_rows, text_start] = text_rows * length + text_positions
     mask[text_rows, text_start] = attention_mask[text_rows, text_positions]
-    offsets = torch.arange(num_tokens, device=input_ids.device)
-    image_rows, image_slots = rows[:, None].expand(-1, num_tokens), start[rows, positions][:, None] + offsets
-    source[image_rows, image_slots] = batch * length + shown[:, None] * num_tokens + offsets
-    slot[image_rows, image_slots] = offsets
-    mask[image_rows, image_slots] = attention_mask[rows, positions][:, None]
+    offsets = torch.arange(num_tokens, device=input_ids.device).expand(len(rows), -1)
+    own = offsets < counts[:, None]  # (P, M): the tokens each placeholder stands for
+    image_rows = rows[:, None].expand(-1, num_tokens)[own]
+    image_slots = (start[rows, positions][:, None] + offsets)[own]
+    source[image_rows, image_slots] = (batch * length + shown[:, None] * num_tokens + offsets)[own]
+    slot[image_rows, image_slots] = offsets[own]
+    mask[image_rows, image_slots] = attention_mask[rows, positions][:, None].expand(-1, num_tokens)[own]
 
     table = torch.cat([text_embeds.flatten(0, 1), visual.to(text_embeds.dtype).flatten(0, 1)])
     placed_labels = None
@@ -112,12 +121,18 @@ class VisualPromptLM(nn.Module, ABC):
     def visual_prompt(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, M, D_lm) the image as M soft tokens of the LM's embedding width."""
 
+    def image_tokens(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The visual prompts (B, M, D_lm) and (B,) how many of each image's M tokens are its own, first (None: all
+        M); a model whose images give different numbers of tokens (native resolution, AnyRes) says so here."""
+        return self.visual_prompt(pixel_values), None
+
     def interleave(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
                    image_index: Tensor | None = None, labels: Tensor | None = None) -> Interleaved:
         """The LM's input: the text's embeddings with every image's visual prompt placed (`place_images`)."""
         lm = self.language_model
-        return place_images(self.visual_prompt(pixel_values), lm.embed(input_ids), input_ids, attention_mask,
-                            lm.image_token_id, image_index, labels)
+        visual, lengths = self.image_tokens(pixel_values)
+        return place_images(visual, lm.embed(input_ids), input_ids, attention_mask, lm.image_token_id, image_index,
+                            labels, lengths)
 
     def predict_text(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                      image_index: Tensor | None = None) -> NextTokenOutput:
@@ -137,6 +152,31 @@ class VisualPromptLM(nn.Module, ABC):
         sequence = self.interleave(pixel_values, prompt_ids, prompt_mask, image_index)
         embeds, mask = move_padding_left(sequence.embeds, sequence.mask)  # rows with fewer images end early
         return self.language_model.generate(embeds, mask, **generation)
+
+
+def image_rows(tokens: Tensor, grid: tuple[int, int] | None = None, valid: Tensor | None = None,
+               newline: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(B, N, D) tokens of a rows x columns grid in raster order (None: square) -> (B, M, D) each image's own tokens
+    first, in raster order, with ``newline`` (D,) after each of its rows (Fuyu's and LLaVA-NeXT's image-newline), and
+    (B,) how many are its own. ``valid`` (B, N): False on batch padding (an image's own tokens are a top-left block)."""
+    batch, count, dim = tokens.shape
+    rows, cols = grid or (math.isqrt(count),) * 2
+    if rows * cols != count:
+        raise ValueError(f"{count} image tokens are not a {rows}x{cols} grid: image newlines and padded images need "
+                         "an adapter that keeps one token per patch (Linear, MLP)")
+    tokens = tokens.view(batch, rows, cols, dim)
+    valid = tokens.new_ones(batch, rows, cols, dtype=torch.bool) if valid is None else valid.view(batch, rows, cols)
+    if newline is not None:
+        width = valid[:, 0].sum(dim=1)  # each image's columns: its newline goes in the first column after them
+        end = (torch.arange(cols + 1, device=tokens.device) == width[:, None, None]) & valid[:, :, :1]
+        tokens = torch.cat([tokens, tokens.new_zeros(batch, rows, 1, dim)], dim=2)
+        tokens = torch.where(end[..., None], newline.to(tokens.dtype), tokens)
+        valid = torch.cat([valid, torch.zeros_like(valid[:, :, :1])], dim=2) | end
+    tokens, valid = tokens.flatten(1, 2), valid.flatten(1)
+    lengths = valid.sum(dim=1)
+    order = torch.argsort((~valid).long(), dim=1, stable=True)[:, : int(lengths.max())]
+    own = torch.arange(order.shape[1], device=tokens.device) < lengths[:, None]
+    return tokens.gather(1, order[..., None].expand(-1, -1, dim)) * own[..., None], lengths
 
 
 def move_padding_left(embeds: Tensor, mask: Tensor, *aligned: Tensor) -> tuple[Tensor, ...]:

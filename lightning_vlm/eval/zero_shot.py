@@ -1,8 +1,10 @@
 """Zero-shot classification from prompt templates, for any `Retriever` (eval/suite.py).
 
 Scores, not text embeddings, are averaged over templates, because ``encode_texts`` need not return a plain
-normalised tensor (Llip conditions the image on the caption inside ``similarity``). The helpers below handle
-representations generically: a Tensor, or a tuple (or namedtuple) of Tensors, every one batched along dim 0.
+normalised tensor (Llip conditions the image on the caption inside ``similarity``); a model whose
+``averages_templates`` is True (the authors' Llip) has its text representations averaged instead, scored once per
+class. The helpers below handle representations generically: a Tensor, or a tuple (or namedtuple) of Tensors, every
+one batched along dim 0.
 """
 
 import itertools
@@ -70,12 +72,16 @@ def zero_shot_predictions(
 
     ``reduction="mean"`` is CLIP's prompt ensembling, for templates that say nothing else about the image ("a photo
     of a {}."). ``"max"`` scores a class by its best-matching template, for templates that also name other
-    attributes ("a small red {}."): the attributes the image does not have must not vote.
+    attributes ("a small red {}."): the attributes the image does not have must not vote. Under "mean", a model with
+    ``averages_templates`` is scored once per class, on its text representations averaged over the templates.
     """
     if reduction not in ("mean", "max"):
         raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
     texts = [template.format(name) for template in templates for name in classes]
     text_repr = encode_texts(model, tokenize, texts, device_of(image_repr), chunk_size)
+    if reduction == "mean" and getattr(model, "averages_templates", False):
+        class_repr = map_repr(text_repr, lambda part: part.unflatten(0, (len(templates), len(classes))).mean(dim=0))
+        return similarity_matrix(model, image_repr, class_repr, chunk_size).argmax(dim=1)
     scores = similarity_matrix(model, image_repr, text_repr, chunk_size).unflatten(1, (len(templates), len(classes)))
     class_scores = scores.float().mean(dim=1) if reduction == "mean" else scores.float().amax(dim=1)
     return class_scores.argmax(dim=1)

@@ -149,7 +149,9 @@ def test_report_counts_and_noise_precision_recall_are_exact(hand_made: Path, tmp
 def test_without_the_marking_the_report_has_no_noise(tmp_path: Path) -> None:
     root = write_shards(tmp_path / "in", {"a": (noise_image(0), "a cat", None), "b": (noise_image(1), "a cat", None)})
     report = curate(root, tmp_path / "out", Rules(dedup_captions="exact"))
-    assert report.noise() is None and json.loads((tmp_path / "out" / "report.json").read_text())["noise"] is None
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report.noise() is None and saved["noise"] is None
+    assert saved["removed"]["duplicate_caption"] == [{"key": "b", "caption": "a cat", "of": "a"}]
     assert "Noisy pairs" not in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -298,6 +300,12 @@ def test_synth_command_passes_the_noise(tmp_path: Path) -> None:
     assert main(["data", "synth", "--out", str(tmp_path), "--train", "10", "--val", "2", "--test", "0",
                  "--compositional", "0", "--style-shift", "0", "--caption-noise", "0.2", "--workers", "0"]) == 0
     assert sum(json.loads(s["json"])["noisy"] for s in read_split(tmp_path)) == 2
+
+
+def test_synth_refuses_a_noise_share_outside_0_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--caption-noise", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --caption-noise must be a share in [0, 1], got 1.5"
+    assert not (tmp_path / "x").exists()
 
 
 # ---- the command line and its one-line mistakes -----------------------------------------------------------------

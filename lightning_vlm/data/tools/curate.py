@@ -82,11 +82,12 @@ class Rules:
 
 @dataclass
 class Removal:
-    """One removed sample: its key and caption, and the kept sample it duplicates or its CLIPScore, where known."""
+    """One removed sample: its key and caption, whether it is noisy (None: not marked), and the kept sample it
+    duplicates or its CLIPScore, where known."""
 
     key: str
     caption: str
-    noisy: bool = False
+    noisy: bool | None = None
     of: str | None = None
     score: float | None = None
 
@@ -118,7 +119,7 @@ class CurationReport:
 
     def _found(self, removals: list[Removal]) -> dict[str, Any]:
         """How many of ``removals`` were noisy, as a share of them (precision) and of all noisy pairs (recall)."""
-        noisy = sum(r.noisy for r in removals)
+        noisy = sum(bool(r.noisy) for r in removals)
         return {"removed": len(removals), "noisy": noisy, "precision": _ratio(noisy, len(removals)),
                 "recall": _ratio(noisy, self.noisy)}
 
@@ -277,9 +278,10 @@ def _decide(urls: list[str], rules: Rules, scorer: PairScorer | None, batch_size
     for index, raw in enumerate(consumer_samples(urls, Consumer(), counter)):
         sample = decode(raw, counter)
         info = sample.info if sample is not None else _json(raw)
-        report.marked |= "noisy" in info
-        removal = Removal(raw["__key__"], sample.caption if sample else "", bool(info.get("noisy")))
-        report.noisy += removal.noisy
+        noisy = bool(info["noisy"]) if "noisy" in info else None
+        removal = Removal(raw["__key__"], sample.caption if sample else "", noisy)
+        report.marked |= noisy is not None
+        report.noisy += bool(noisy)
         rule, twin = ("unreadable", None) if sample is None else heuristics.verdict(sample)
         keep.append(rule is None)
         if rule is not None:

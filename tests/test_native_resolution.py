@@ -9,6 +9,7 @@ import csv
 import hashlib
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -102,24 +103,30 @@ def test_keep_aspect_resizes_boxes_with_the_image():
 
 
 def test_batches_are_padded_with_a_mask_of_each_images_own_pixels(sized_shards, tiny_benchmark):
-    dm = data(sized_shards, tiny_benchmark, keep_aspect=True, size_multiple=8, bucket_window=0)
-    for batch in dm.eval_loader("val"):
+    dm = data(sized_shards, tiny_benchmark, keep_aspect=True, size_multiple=8, bucket_window=0, eval_batch_size=2)
+    train, evaluation = list(dm.train_dataloader()), list(dm.eval_loader("val"))
+    for batch in train + evaluation:
         pixels, mask = batch["pixel_values"], batch["pixel_mask"]
         assert mask.shape == (len(pixels), *pixels.shape[-2:])
         for image, own, meta in zip(pixels, mask, batch["meta"]):
             height, width = aspect_size(*original_size(meta), 32, 8)
             assert own[:height, :width].all() and own.sum() == height * width  # its own block, top left
             assert image[:, own].isfinite().all() and image[:, ~own].isnan().all()
+    for batch in train:  # padded to the batch's largest image
+        sizes = [aspect_size(*original_size(meta), 32, 8) for meta in batch["meta"]]
+        assert batch["pixel_values"].shape[-2:] == tuple(map(max, zip(*sizes)))
+    assert all(batch["pixel_values"].shape[-2:] == (32, 32) for batch in evaluation)  # stackable across batches
 
 
 def test_bucketing_groups_by_size_and_loses_or_duplicates_no_sample(sized_shards, tiny_benchmark):
     dm = data(sized_shards, tiny_benchmark, keep_aspect=True, size_multiple=8)
     base: ShardStream = dm.eval_loader("train").dataset
+    collate = replace(base.collate, pad_to=None)  # as training pads: to the batch's largest image
 
     def batches(window: int) -> list[dict]:
         config = StreamConfig(batch_size=4, bucket_window=window, seed=1)
         return list(ShardStream([ShardSource(str(sized_shards), split="train")], base.transform, base.formatter,
-                                base.collate, config))
+                                collate, config))
 
     plain, bucketed = batches(0), batches(6)  # one window of 24: the whole split
     keys = Counter(meta["key"] for batch in plain for meta in batch["meta"])
@@ -277,20 +284,22 @@ def test_with_the_options_off_llava_and_placement_are_unchanged(lm):
     assert all(torch.equal(getattr(plain, f), getattr(counted, f)) for f in ("embeds", "mask", "image_slot"))
 
 
-def test_fuyu_native_trains_on_images_of_many_sizes(sized_shards, tiny_benchmark, lm, tmp_path):
+def test_fuyu_native_trains_and_evaluates_on_images_of_many_sizes(sized_shards, tiny_benchmark, lm, tmp_path):
     model = ImageToText(fuyu(lm).train(), lr=1e-3, warmup_steps=1)
     newline = model.model.image_newline.detach().clone()
-    dm = data(sized_shards, None, keep_aspect=True, size_multiple=8)  # the LM's tokenizer, which has <image>
+    # the LM's tokenizer (it has <image>); pairs of images for evaluation: the third pair's largest is 32 x 24
+    dm = data(sized_shards, None, keep_aspect=True, size_multiple=8, eval_batch_size=2)
     losses = []
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append((outputs["loss"].item(), tuple(batch["pixel_values"].shape[-2:])))
 
-    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[Record()])
+    trainer = L.Trainer(max_steps=4, val_check_interval=4, limit_val_batches=3, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Record()])
     trainer.fit(model, dm)
     assert len(losses) == 4 and all(np.isfinite(loss) for loss, _ in losses)
     assert len({shape for _, shape in losses}) > 1  # batches of different sizes
     assert not torch.equal(model.model.image_newline.detach(), newline)  # the newline embedding learns
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])  # evaluated: generation, likelihoods, loss

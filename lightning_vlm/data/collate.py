@@ -19,9 +19,10 @@ BLIP-2's Q-Former beside its LM), every example's caption is also tokenised by i
 text: ``caption_input_ids`` / ``caption_attention_mask``.
 
 With ``pad_images`` (images kept at their own size and aspect ratio) the images are padded at the bottom and right
-to the largest of the batch: ``pixel_mask`` (B, H, W) is True on each image's own pixels, and the padding of
-``pixel_values`` is NaN, so a model, which the paradigm hands pixel values alone, reads the mask off them
-(`lightning_vlm.encoders.patches.split_padding`) and a reader that ignores it fails loudly instead of reading grey.
+to the largest of the batch, or to ``pad_to`` (height, width): ``pixel_mask`` (B, H, W) is True on each image's own
+pixels, and the padding of ``pixel_values`` is NaN, so a model, which the paradigm hands pixel values alone, reads
+the mask off them (`lightning_vlm.encoders.patches.split_padding`) and a reader that ignores it fails loudly instead
+of reading grey.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Collator:
     image_token: str | None = None
     shots: int = 2
     pad_images: bool = False
+    pad_to: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self._captions = Collator(self.caption_tokenizer, self.max_length) if self.caption_tokenizer else None
@@ -72,7 +74,7 @@ class Collator:
         texts, image_index = self._with_demonstrations([ex.text for ex in examples])
         input_ids, attention_mask, labels = self._pad(self._encode_all(texts))
         pixels = [ex.pixel_values for ex in examples]
-        pixel_values, pixel_mask = pad_images(pixels) if self.pad_images else (torch.stack(pixels), None)
+        pixel_values, pixel_mask = pad_images(pixels, self.pad_to) if self.pad_images else (torch.stack(pixels), None)
         batch = {
             "pixel_values": pixel_values,
             "input_ids": input_ids,
@@ -210,10 +212,11 @@ class Collator:
         return ids, labels
 
 
-def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, H_i, W_i) images -> (B, C, H, W) padded at the bottom and right with NaN, and the (B, H, W) mask of
-    their own pixels."""
-    height, width = max(image.shape[1] for image in images), max(image.shape[2] for image in images)
+def pad_images(images: Sequence[torch.Tensor], size: tuple[int, int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, H_i, W_i) images -> (B, C, H, W) padded at the bottom and right with NaN to the largest (or to ``size``),
+    and the (B, H, W) mask of their own pixels."""
+    height, width = size or (max(image.shape[1] for image in images), max(image.shape[2] for image in images))
     pixels = images[0].new_full((len(images), images[0].shape[0], height, width), float("nan"))
     mask = torch.zeros(len(images), height, width, dtype=torch.bool)
     for i, image in enumerate(images):

@@ -34,7 +34,7 @@ from lightning_vlm.data.stream import EpochLoader, ShardStream, StreamConfig, St
 from lightning_vlm.data.synthetic import DEFAULT_ROOT, generate_benchmark
 from lightning_vlm.data.synthetic.generator import add_splits, missing_splits
 from lightning_vlm.data.tasks import TaskFormatter
-from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from lightning_vlm.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, aspect_size
 from lightning_vlm.errors import InvalidSettingError
 from lightning_vlm.tokens import load_tokenizer, location_tokens
 
@@ -84,7 +84,8 @@ class ShardDataModule(LightningDataModule):
             patch size), and a batch is padded to its largest image with a pixel mask. Off: square images.
         bucket_window: with ``keep_aspect``, training batches are cut from windows of this many batches' examples
             sorted by image size, so a batch holds images of similar size and pads little (0: no bucketing).
-            Evaluation keeps the split's order: a size-sorted window would bias the first ``eval_max_samples``.
+            Evaluation keeps the split's order (a size-sorted window would bias the first ``eval_max_samples``), and
+            its batches are padded to the largest size, a square, so evaluators can stack images across batches.
 
     Checkpoints keep the training stream's position (`state_dict`), so a run resumed mid-epoch reads exactly the
     batches an uninterrupted run would, in the same order. Resuming mid-epoch with another world size, number of
@@ -275,9 +276,10 @@ class ShardDataModule(LightningDataModule):
                                   hard_negatives=negatives, object_captions=object_captions,
                                   system_prompt=self.hparams.system_prompt, chat_turns=self.hparams.chat_turns)
         model = self._model()
+        side = max(aspect_size(1, 1, self.hparams.image_size, self.hparams.size_multiple))
         collate = Collator(self.tokenizer, self.hparams.max_length, self.caption_tokenizer,
                            model.image_token if model is not None else None, self.hparams.shots,
-                           pad_images=self.hparams.keep_aspect)
+                           pad_images=self.hparams.keep_aspect, pad_to=None if train else (side, side))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ShardStream(sources, transform, formatter, collate, config, rank, world)
         position = self._next_position if train and self.trainer is not None else None

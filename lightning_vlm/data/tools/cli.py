@@ -132,23 +132,26 @@ def _add_curate(commands: argparse._SubParsersAction) -> None:
     curate.add_argument("--samples-per-shard", type=int, default=1000)
     curate.add_argument("--examples", type=int, default=5, help="removed samples shown per rule")
     bounds = curate.add_argument_group("heuristics (applied in this order)")
-    bounds.add_argument("--min-side", type=int, help="drop images whose shorter side is under N pixels")
-    bounds.add_argument("--max-side", type=int, help="drop images whose longer side is over N pixels")
-    bounds.add_argument("--max-aspect-ratio", type=float, help="drop images whose long / short side exceeds R")
-    bounds.add_argument("--min-chars", type=int, help="drop captions shorter than N characters")
-    bounds.add_argument("--max-chars", type=int, help="drop captions longer than N characters")
-    bounds.add_argument("--min-words", type=int, help="drop captions of fewer than N words")
-    bounds.add_argument("--max-words", type=int, help="drop captions of more than N words")
+    bounds.add_argument("--min-side", type=int, metavar="N", help="drop images whose shorter side is under N pixels")
+    bounds.add_argument("--max-side", type=int, metavar="N", help="drop images whose longer side is over N pixels")
+    bounds.add_argument("--max-aspect-ratio", type=float, metavar="R",
+                        help="drop images whose long / short side exceeds R")
+    bounds.add_argument("--min-chars", type=int, metavar="N", help="drop captions shorter than N characters")
+    bounds.add_argument("--max-chars", type=int, metavar="N", help="drop captions longer than N characters")
+    bounds.add_argument("--min-words", type=int, metavar="N", help="drop captions of fewer than N words")
+    bounds.add_argument("--max-words", type=int, metavar="N", help="drop captions of more than N words")
     bounds.add_argument("--dedup-captions", choices=["exact", "normalized"],
                         help="keep the first sample of each caption (normalized: up to case, punctuation, spacing)")
     bounds.add_argument("--near-duplicates", type=int, metavar="BITS",
                         help="keep the first of images whose 64-bit difference hashes differ in at most BITS bits")
     scoring = curate.add_argument_group("CLIPScore from a trained contrastive model (after the heuristics)")
-    scoring.add_argument("--scorer-config", help="its recipe, e.g. recipes/clip.yaml")
-    scoring.add_argument("--scorer-checkpoint", help="its trained weights, e.g. checkpoints/clip/last.ckpt")
+    scoring.add_argument("--scorer-config", metavar="RECIPE", help="its recipe, e.g. recipes/clip.yaml")
+    scoring.add_argument("--scorer-checkpoint", metavar="CKPT",
+                         help="its trained weights, e.g. checkpoints/clip/last.ckpt")
     cut = scoring.add_mutually_exclusive_group()
-    cut.add_argument("--min-score", type=float, help="drop pairs under this CLIPScore (2.5 x max(cos, 0))")
-    cut.add_argument("--keep-fraction", type=float, help="keep only this best-scoring share of the pairs scored")
+    cut.add_argument("--min-score", type=float, metavar="T", help="drop pairs under this CLIPScore (2.5 x max(cos, 0))")
+    cut.add_argument("--keep-fraction", type=float, metavar="F",
+                     help="keep only this best-scoring share of the pairs scored")
     scoring.add_argument("--batch-size", type=int, default=256, help="pairs scored at once")
 
 

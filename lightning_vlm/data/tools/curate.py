@@ -197,10 +197,12 @@ def input_splits(root: Path, out: Path, split: str) -> tuple[dict[str, Any] | No
                                 "data synth, data convert or img2dataset)")
     if split not in splits:
         raise InvalidSettingError(f"split {split!r} is not in {root}; it has {sorted(splits)}")
+    if not splits[split]:
+        raise MissingInputError(f"{root}: split {split!r} has no shards, so there is nothing to curate")
     missing = [shard for shard in splits[split] if not (root / shard).is_file()]
-    if missing or not splits[split]:
-        raise MissingInputError(f"{root}: split {split!r} lists {len(missing)} missing shard(s) such as "
-                                f"{(missing or ['none'])[0]}: regenerate or reconvert the dataset")
+    if missing:
+        raise MissingInputError(f"{root}: split {split!r} lists {len(missing)} missing shard(s) such as {missing[0]}: "
+                                "regenerate or reconvert the dataset")
     return manifest, splits
 
 
@@ -230,6 +232,7 @@ class HashIndex:
         return self.keys[hits[0]] if len(hits) else None
 
     def add(self, value: int, key: str) -> None:
+        """Record a kept image's hash under its key."""
         if len(self.keys) == len(self.hashes):  # grow by doubling
             self.hashes = np.concatenate([self.hashes, np.zeros(max(len(self.hashes), 1024), dtype=np.uint64)])
         self.hashes[len(self.keys)] = value

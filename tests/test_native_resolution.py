@@ -32,7 +32,7 @@ from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.anyres import AnyRes, best_grid
 from lightning_vlm.models.llava import LLaVA
-from lightning_vlm.models.visual_prompt import image_rows, place_images
+from lightning_vlm.models.visual_prompt import grid_layout, place_images
 from lightning_vlm.paradigms.generative import ImageToText
 from lightning_vlm.tokens import IMAGE_TOKEN
 
@@ -145,19 +145,19 @@ def test_bucketed_training_keeps_the_number_of_batches(sized_shards, tiny_benchm
 
 
 # ---- model side -----------------------------------------------------------------------------------------------------
-def image_rows_by_hand():
+def layout_by_hand():
     """A 3 x 4 grid of scalar tokens 1..12 whose image is its top-left 2 x 3 block, newline -1."""
     tokens = torch.arange(1.0, 13.0).view(1, 12, 1)
     valid = torch.zeros(1, 3, 4, dtype=torch.bool)
     valid[:, :2, :3] = True
-    return image_rows(tokens, (3, 4), valid.flatten(1), torch.tensor([-1.0]))
+    return grid_layout(tokens, (3, 4), valid.flatten(1), torch.tensor([-1.0]))
 
 
 def test_newline_tokens_end_every_row_of_the_image_and_padding_gives_none():
-    laid_out, lengths = image_rows_by_hand()
+    laid_out, lengths = layout_by_hand()
     assert lengths.tolist() == [8]
     assert laid_out[0, :, 0].tolist() == [1, 2, 3, -1, 5, 6, 7, -1]
-    full, full_lengths = image_rows(torch.arange(1.0, 7.0).view(1, 6, 1), (2, 3), newline=torch.tensor([0.0]))
+    full, full_lengths = grid_layout(torch.arange(1.0, 7.0).view(1, 6, 1), (2, 3), newline=torch.tensor([0.0]))
     assert full[0, :, 0].tolist() == [1, 2, 3, 0, 4, 5, 6, 0] and full_lengths.tolist() == [8]
 
 
@@ -264,7 +264,7 @@ def test_anyres_tokens_are_the_overview_then_the_tiles_grid_with_newlines(lm, he
     image = torch.randn(1, 3, height, width)
     with torch.no_grad():
         tokens, lengths = model.image_tokens(image)
-        overview = model._projected(F.interpolate(image, size=(32, 32), mode="bilinear", antialias=True))
+        overview = model.projected(F.interpolate(image, size=(32, 32), mode="bilinear", antialias=True))
     assert lengths.tolist() == [4 + rows * (cols + 1)] == [tokens.shape[1]]
     torch.testing.assert_close(tokens[0, :4], overview[0])
     ends = [4 + row * (cols + 1) + cols for row in range(rows)]

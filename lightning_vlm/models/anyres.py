@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vlm.encoders.patches import split_padding
-from lightning_vlm.models.visual_prompt import image_rows
+from lightning_vlm.models.visual_prompt import grid_layout
 
 DEFAULT_GRIDS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
 
@@ -74,5 +74,5 @@ class AnyRes(nn.Module):
         if side * side != tokens.shape[1]:
             raise ValueError(f"AnyRes lays tiles out as square grids of tokens; a tile gave {tokens.shape[1]}")
         combined = tokens[1:].view(rows, cols, side, side, dim).permute(0, 2, 1, 3, 4).reshape(1, -1, dim)
-        laid_out, _ = image_rows(combined, (rows * side, cols * side), newline=newline)
+        laid_out, _ = grid_layout(combined, (rows * side, cols * side), newline=newline)
         return torch.cat([tokens[0], laid_out[0]])

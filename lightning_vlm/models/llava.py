@@ -20,7 +20,7 @@ from lightning_vlm.adapters import MLP, Adapter
 from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.models.anyres import AnyRes
-from lightning_vlm.models.visual_prompt import VisualPromptLM, image_rows
+from lightning_vlm.models.visual_prompt import VisualPromptLM, grid_layout
 
 
 class LLaVA(VisualPromptLM):
@@ -45,12 +45,13 @@ class LLaVA(VisualPromptLM):
     def image_tokens(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
         """The visual prompts and how many tokens of each are the image's own (None: all)."""
         if self.anyres is not None:
-            return self.anyres(pixel_values, self._projected, self.image_newline)
+            return self.anyres(pixel_values, self.projected, self.image_newline)
         features = self.vision(pixel_values)
         tokens = self.projector(features.patch_tokens)
         if self.image_newline is None and features.valid is None:
             return tokens, None
-        return image_rows(tokens, features.grid, features.valid, self.image_newline)
+        return grid_layout(tokens, features.grid, features.valid, self.image_newline)
 
-    def _projected(self, pixel_values: Tensor) -> Tensor:
+    def projected(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, M, D_lm) the adapter's tokens of every patch token (what AnyRes makes of each tile)."""
         return self.projector(self.vision(pixel_values).patch_tokens)

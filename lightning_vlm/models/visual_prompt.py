@@ -154,8 +154,8 @@ class VisualPromptLM(nn.Module, ABC):
         return self.language_model.generate(embeds, mask, **generation)
 
 
-def image_rows(tokens: Tensor, grid: tuple[int, int] | None = None, valid: Tensor | None = None,
-               newline: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def grid_layout(tokens: Tensor, grid: tuple[int, int] | None = None, valid: Tensor | None = None,
+                newline: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(B, N, D) tokens of a rows x columns grid in raster order (None: square) -> (B, M, D) each image's own tokens
     first, in raster order, with ``newline`` (D,) after each of its rows (Fuyu's and LLaVA-NeXT's image-newline), and
     (B,) how many are its own. ``valid`` (B, N): False on batch padding (an image's own tokens are a top-left block)."""

@@ -387,7 +387,7 @@ def run_command(argv: list[str] | None = None) -> int:
     if words[:1] == ["data"]:
         from lightning_vlm.data.tools.cli import main as data_main
 
-        return data_main(words[1:])
+        return data_main(words[1:], load_run)
     tools = {"weights": weights_main, "retention": retention_main, "chat": chat_main, "export": export_main,
              "probe": probe_main, "soup": soup_main}
     if words and words[0] in tools:

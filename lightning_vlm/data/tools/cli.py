@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lightning_vlm.data.synthetic.generator import DEFAULT_SIZES
 from lightning_vlm.data.tools.convert import convert_coco, convert_image_folder
@@ -16,9 +17,12 @@ from lightning_vlm.data.tools.inspect import inspect_shards
 from lightning_vlm.errors import InvalidSettingError, UsageError
 
 
-def main(argv: list[str]) -> int:
-    """Run one data subcommand; returns the exit code (1 with a one-line message on bad input)."""
+def main(argv: list[str], load_run: Callable[[str], tuple[Any, Any]] | None = None) -> int:
+    """Run one data subcommand; returns the exit code (1 with a one-line message on bad input). `load_run` builds a
+    trained recipe's paradigm and DataModule (``lightning_vlm.cli.load_run``: the command line sits above the data
+    layer, so it hands its loader down) for ``curate``'s scorer."""
     args = build_parser().parse_args(argv)
+    args.load_run = load_run
     try:
         print(args.handler(args))
     except UsageError:
@@ -82,7 +86,7 @@ def run_curate(args: argparse.Namespace) -> str:
                   args.max_words, args.dedup_captions, args.near_duplicates, args.min_score, args.keep_fraction)
     input_splits(args.root, args.out, args.split)
     rules.check(args.scorer_config is not None)
-    scorer = load_scorer(args.scorer_config, args.scorer_checkpoint) if args.scorer_config else None
+    scorer = load_scorer(args.scorer_config, args.scorer_checkpoint, args.load_run) if args.scorer_config else None
     report = curate(args.root, args.out, rules, args.split, scorer, args.samples_per_shard, args.batch_size)
     return report.markdown(args.examples) + f"\nwrote {report.kept} samples and the report to {args.out}"
 

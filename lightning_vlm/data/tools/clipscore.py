@@ -6,14 +6,13 @@ on the data judges the data).
 from __future__ import annotations
 
 import random
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningCLI
 from PIL import Image
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -80,24 +79,20 @@ def check_vocabulary(scorer: PairScorer, captions: list[str]) -> None:
                                   f"{share:.0%} of their words; score with a model trained on this kind of text")
 
 
-def load_scorer(config: str | Path, checkpoint: str | Path) -> PairScorer:
+def load_scorer(config: str | Path, checkpoint: str | Path,
+                load_run: Callable[[str], tuple[Any, Any]] | None) -> PairScorer:
     """The model a recipe builds, with a checkpoint's weights, as a `PairScorer` (images prepared as the recipe's
-    evaluation prepares them).
-
-    The recipe is built by LightningCLI as ``lightning_vlm.cli.load_run`` builds it (its ``init_from`` skipped, no
-    logger), not by calling it: the data layer sits below the command line. The errors name the fix: a recipe whose
+    evaluation prepares them). `load_run` builds the recipe's paradigm and DataModule (``lightning_vlm.cli.load_run``,
+    handed down by the command line, which sits above the data layer). The errors name the fix: a recipe whose
     model does not embed images and texts, a checkpoint whose tensors do not fit the recipe's model (a tokenizer of
     another size than the one it trained with, above all).
     """
     for path, option in ((config, "--scorer-config"), (checkpoint, "--scorer-checkpoint")):
         if not Path(path).is_file():
             raise MissingInputError(f"{option} {path} not found: give the recipe and the .ckpt of a trained CLIP")
-    args = ["--config", str(config), "--model.init_args.init_from", "[]", "--trainer.logger", "false"]
-    with warnings.catch_warnings():  # LightningCLI warns that `args` comes with a command line: ours, not its own
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = LightningCLI(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True,
-                           save_config_callback=None, trainer_defaults={})
-    paradigm, data = cli.model, cli.datamodule.hparams
+    if load_run is None:
+        raise InvalidSettingError("a CLIPScore scorer is loaded through `python -m lightning_vlm data curate`")
+    paradigm, datamodule = load_run(str(config))
     model = getattr(paradigm, "model", None)
     if not all(callable(getattr(model, name, None)) for name in ("encode_images", "encode_texts")):
         raise InvalidSettingError(f"{config} builds {type(paradigm).__name__}, which does not embed images and texts: "
@@ -109,8 +104,8 @@ def load_scorer(config: str | Path, checkpoint: str | Path) -> PairScorer:
         paradigm.load_state_dict(state)
     except RuntimeError as err:
         raise InvalidSettingError(f"{checkpoint} does not fit {config}: {str(err).splitlines()[0]}") from None
-    transform = ImageTransform(data.image_size, tuple(data.image_mean or paradigm.image_mean or CLIP_MEAN),
-                               tuple(data.image_std or paradigm.image_std or CLIP_STD))
+    data = datamodule.hparams
+    transform = ImageTransform(data.image_size, tuple(data.image_mean or CLIP_MEAN), tuple(data.image_std or CLIP_STD))
     return PairScorer(model.eval(), tokenizer, transform)
 
 

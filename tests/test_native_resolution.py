@@ -246,6 +246,7 @@ def test_generation_from_a_padded_batch_answers_as_each_image_alone(lm):
 ])
 def test_anyres_picks_the_grid_that_keeps_most_pixels_with_least_waste(height, width, grid):
     assert best_grid(height, width, 64, AnyRes().grids) == grid
+    assert best_grid(height, width, 64, AnyRes().grids[::-1]) == grid  # whatever the order of the allowed grids
 
 
 def test_anyres_tiles_are_the_canvas_cut_in_raster_order_after_an_overview():

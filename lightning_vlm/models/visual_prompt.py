@@ -166,12 +166,9 @@ def grid_layout(tokens: Tensor, grid: tuple[int, int] | None = None, valid: Tens
                          "an adapter that keeps one token per patch (Linear, MLP)")
     tokens = tokens.view(batch, rows, cols, dim)
     valid = tokens.new_ones(batch, rows, cols, dtype=torch.bool) if valid is None else valid.view(batch, rows, cols)
-    if newline is not None:
-        width = valid[:, 0].sum(dim=1)  # each image's columns: its newline goes in the first column after them
-        end = (torch.arange(cols + 1, device=tokens.device) == width[:, None, None]) & valid[:, :, :1]
-        tokens = torch.cat([tokens, tokens.new_zeros(batch, rows, 1, dim)], dim=2)
-        tokens = torch.where(end[..., None], newline.to(tokens.dtype), tokens)
-        valid = torch.cat([valid, torch.zeros_like(valid[:, :, :1])], dim=2) | end
+    if newline is not None:  # a column of newlines, one per row of each image: its padding columns drop out below
+        tokens = torch.cat([tokens, newline.to(tokens.dtype).expand(batch, rows, 1, dim)], dim=2)
+        valid = torch.cat([valid, valid[:, :, :1]], dim=2)
     tokens, valid = tokens.flatten(1, 2), valid.flatten(1)
     lengths = valid.sum(dim=1)
     order = torch.argsort((~valid).long(), dim=1, stable=True)[:, : int(lengths.max())]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import random
 from collections import Counter
 from dataclasses import replace
@@ -20,7 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lightning_vlm.adapters import MLP, Linear
-from lightning_vlm.data.collate import Collator, Example, pad_images
+from lightning_vlm.compare.cells import cell_config
+from lightning_vlm.compare.config import load_comparison
+from lightning_vlm.compare.run import check_entries
+from lightning_vlm.data.collate import Collator, Example, first_rows, pad_images
 from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.sources import ShardSource
@@ -36,6 +40,7 @@ from lightning_vlm.models.visual_prompt import grid_layout, place_images
 from lightning_vlm.paradigms.generative import ImageToText
 from lightning_vlm.tokens import IMAGE_TOKEN
 
+REPO = Path(__file__).parents[1]
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
            "num_key_value_heads": 1}
 TINY_VIT = {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
@@ -304,3 +309,26 @@ def test_fuyu_native_trains_and_evaluates_on_images_of_many_sizes(sized_shards, 
     assert len({shape for _, shape in losses}) > 1  # batches of different sizes
     assert not torch.equal(model.model.image_newline.detach(), newline)  # the newline embedding learns
     assert torch.isfinite(trainer.callback_metrics["val/loss"])  # evaluated: generation, likelihoods, loss
+
+
+def test_first_rows_keep_each_images_mask_with_its_pixels():
+    pixels, mask = pad_images([torch.randn(3, 8, 16), torch.randn(3, 16, 8), torch.randn(3, 8, 8)])
+    batch = {"pixel_values": pixels, "pixel_mask": mask, "image_index": torch.tensor([[2, 0], [1, -1], [2, -1]]),
+             "meta": [{}, {}, {}]}
+    rows = first_rows(batch, 1)  # example 0 shows image 2 (a demonstration) before its own
+    assert rows["image_index"].tolist() == [[1, 0]]
+    assert torch.equal(rows["pixel_mask"], mask[[0, 2]])
+    assert torch.equal(rows["pixel_values"].isnan(), pixels[[0, 2]].isnan())
+
+
+def test_the_fuyu_native_entry_is_fuyu_frozen_with_newlines_read_at_native_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the comparison names its recipes from the checkout's root
+    comparison = load_comparison(REPO / "comparisons" / "fusion.yaml")
+    entries = {entry.label: entry for entry in comparison.entries}
+    native, frozen = (cell_config(comparison, entries[label], 0, tmp_path) for label in ("fuyu-native", "fuyu-frozen"))
+    native_model = native["model"]["init_args"]["model"]["init_args"]
+    assert native_model.pop("image_newline") is True
+    assert [native["data"]["init_args"].pop(key) for key in ("keep_aspect", "size_multiple", "bucket_window")] == [
+        True, native_model["vision"]["init_args"]["patch_size"], 0]
+    assert json.dumps(native).replace("fuyu-native", "fuyu-frozen") == json.dumps(frozen)  # nothing else differs
+    assert "vqa" in check_entries(comparison, tmp_path, [entries["fuyu-native"]])["fuyu-native"]  # it builds

@@ -1,4 +1,5 @@
-"""The per-consumer streaming pipeline: read -> mix sources -> shuffle -> decode -> transform -> format -> batch.
+"""The per-consumer streaming pipeline: read -> mix sources -> shuffle -> decode -> transform -> format -> batch
+(bucketed by image size where images keep their own size).
 
 Batching happens inside the stream (the DataLoader gets ``batch_size=None``) so each worker knows exactly
 how many batches it owes: with `samples_per_epoch` set, every rank yields the same number of steps.

@@ -59,7 +59,9 @@ class VisionEncoder(nn.Module):
     learnable mask token that replaces the embeddings of masked patches (masked image modelling: FLAVA, MaskVLM).
 
     `overrides` go to `timm.create_model` (img_size, patch_size, depth, embed_dim, num_heads, ...),
-    so tiny test configs and pretrained backbones share one class. A `stem` makes a ViT hybrid: its tokens are the
+    so tiny test configs and pretrained backbones share one class. Images of different sizes padded into one batch
+    (the DataModule's ``keep_aspect``) reach it through `AnyRes` tiles only: its attention and convolutions would mix
+    the padding into the image's features. A `stem` makes a ViT hybrid: its tokens are the
     cells of a CNN's feature map, through timm's own HybridEmbed. ``channels_last`` (default: for CNNs, the models
     without a patch embedding) keeps weights and images in NHWC, which oneDNN and cuDNN convolve faster (a
     GroupNorm ResNet-10-T trains 1.3x faster on this CPU, with identical numbers). ``fused_attention=False`` has

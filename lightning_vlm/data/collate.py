@@ -4,7 +4,9 @@ Text layout: ``[BOS] system prompt target [EOS]`` (``[CLS] ... [SEP]`` for token
 a multi-turn example continuing ``prompt2 target2 [EOS] ...``; a tokenizer with a chat template (a chat LM's)
 renders system, user prompts and assistant replies through it instead, with labels on the replies and their
 end-of-turn tokens only (data/chat.py). Labels are an unshifted copy of the ids on every supervised
-``reply [EOS]`` and IGNORE_INDEX elsewhere; the causal shift happens in one place, losses/language.py.
+``reply [EOS]`` and IGNORE_INDEX elsewhere; the causal shift happens in one place, losses/language.py. A ``text``
+example (a text-only source's, for language modelling) is ``[BOS] text [EOS]``, labelled on every token after BOS,
+never through a chat template and without an image placeholder.
 
 With an ``image_token`` (the LM's placeholder, for models that place images in the text) the image is written
 into the text as that token, before the first prompt (``<image>\nwhat colour is the square?``), and the batch
@@ -34,7 +36,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lightning_vlm.data.chat import chat_ids, generation_prompt_ids, has_chat_template
-from lightning_vlm.data.tasks import TextExample
+from lightning_vlm.data.tasks import UNPROMPTED, TextExample
 from lightning_vlm.tokens import IGNORE_INDEX
 
 
@@ -151,9 +153,9 @@ class Collator:
 
     def dialogue(self, text: TextExample) -> tuple[list[tuple[str, str]], list[bool]]:
         """The example's (user, reply) turns with its image placeholders written in, and which replies carry
-        labels: every reply of a chat, the last of a few-shot example, none of a contrastive caption."""
-        if text.task == "contrastive":
-            return [("", text.target)], [False]
+        labels: every reply of a chat, the last of a few-shot example, none of a contrastive caption, all of a text."""
+        if text.task in UNPROMPTED:
+            return [("", text.target)], [text.task == "text"]
         turns = [*text.history, (text.prompt, text.target)]
         fewshot = text.task == "fewshot"
         turns = [(self._show_image(user) if fewshot or turn == 0 else user, reply)
@@ -185,7 +187,7 @@ class Collator:
         """Token ids and labels of one example, truncated to `max_length` (the end token is kept; a chat is cut
         at `max_length`)."""
         turns, supervised = self.dialogue(text)
-        if text.task != "contrastive" and has_chat_template(self.tokenizer):
+        if text.task not in UNPROMPTED and has_chat_template(self.tokenizer):
             ids, labels = chat_ids(self.tokenizer, turns, text.system or None, supervised)
             return ids[: self.max_length], labels[: self.max_length]
         return self._truncated(*self._plain_ids(turns, supervised, text.system))

@@ -9,7 +9,8 @@ batches add ``caption_input_ids`` / ``caption_attention_mask``; with ``keep_aspe
 and ``pixel_mask`` (B, H, W) marks each one's pixels in the padded ``pixel_values`` (NaN padding: see `Collator`);
 ``num_skipped`` / ``num_read_errors`` (bad data this batch's
 worker dropped since its previous batch, logged by `BadDataLogger`); ``modality``: "pair", or "image" / "text" for
-a batch of a unimodal source (`ShardSource(modality=...)`, for FLAVA).
+a batch of a unimodal source (`ShardSource(modality=...)`: FLAVA's unimodal terms; for a generative recipe, text
+rehearsal, each text labelled on every token, its ``pixel_values`` zeros that the paradigm does not read).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class ShardDataModule(LightningDataModule):
     Args:
         root: dataset root; the default synthetic benchmark is generated here when missing.
         train: shards for training instead of ``root``'s train split: a pattern, a directory, or a list of
-            `ShardSource` (``shards``, ``weight``, ``split``, ``modality``) mixed by weight: sample by sample
-            within a modality, batch by batch across modalities (image-only and text-only batches for FLAVA).
+            `ShardSource` (``shards``, ``weight``, ``split``, ``modality``, ``repeat``) mixed by weight: sample by sample
+            within a modality, batch by batch across modalities (image-only and text-only batches for FLAVA;
+            text-only batches a generative paradigm trains its language model on, against forgetting).
         val_splits / test_splits: splits of ``root`` evaluated, in order (each its own dataloader).
         tasks: task mixture for training, e.g. ``{caption: 1, vqa: 1}``; ``eval_tasks`` for evaluation.
         tokenizer: a tokenizer name or path; None takes the model's declared tokenizer, else ``root``'s.
@@ -202,9 +204,13 @@ class ShardDataModule(LightningDataModule):
         position, self._resume = self._resume, None
         return position or StreamPosition(self.trainer.current_epoch)
 
-    def _train_stream(self) -> tuple[list[ShardSource], dict, StreamConfig]:
+    def train_sources(self) -> list[ShardSource]:
+        """What training reads: the ``train`` sources, or ``root``'s train split (each cut to ``train_fraction``)."""
         sources = as_sources(self.hparams.train, "train") or [ShardSource(self.hparams.root, split="train")]
-        sources = [replace(s, fraction=s.fraction * self.hparams.train_fraction) for s in sources]
+        return [replace(s, fraction=s.fraction * self.hparams.train_fraction) for s in sources]
+
+    def _train_stream(self) -> tuple[list[ShardSource], dict, StreamConfig]:
+        sources = self.train_sources()
         config = StreamConfig(
             batch_size=self.hparams.batch_size,
             shuffle_buffer=self.hparams.shuffle_buffer,
@@ -222,7 +228,7 @@ class ShardDataModule(LightningDataModule):
         only while all of it is unchanged. Shards are compared by file name, so moved data still resumes."""
         sources, tasks, config = self._train_stream()
         shards = [[Path(url).name for url in source.urls()] for source in sources]
-        mixture = [[source.weight, source.modality] for source in sources]
+        mixture = [[source.weight, source.modality, *(["repeat"] if source.repeat else [])] for source in sources]
         identity = {
             "world_size": self.trainer.world_size if self.trainer else 1,
             "num_workers": self.hparams.num_workers,

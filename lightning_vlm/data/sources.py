@@ -10,7 +10,7 @@ from pathlib import Path
 
 import braceexpand
 
-from lightning_vlm.errors import MissingInputError
+from lightning_vlm.errors import InvalidSettingError, MissingInputError
 
 MANIFEST = "dataset.json"
 MODALITIES = ("pair", "image", "text")
@@ -25,7 +25,12 @@ class ShardSource:
     ``fraction`` keeps the first ceil(fraction x n) of the n shards (data-efficiency studies); shards are
     written in random order, so that is a random subset, and the same one in every run. ``modality`` says what
     its samples hold: "pair" (image and caption), "image" (the caption, if any, is ignored) or "text" (no image
-    needed); unimodal sources give whole batches of their kind (FLAVA's unimodal pretraining).
+    needed); unimodal sources give whole batches of their kind (FLAVA's unimodal pretraining; language modelling
+    on text alone for a generative paradigm). A dataset root whose manifest names its splits' modality (``data
+    convert text``, ``data rehearse``) must be read as that modality. ``repeat``: read in endless passes (shards
+    reshuffled each pass), so a small source mixed into a single pass over the others (a rehearsal corpus beside the
+    image-text data) lasts the whole run; such a source stops being drawn once every source that does not repeat is
+    spent.
     """
 
     shards: str | list[str]
@@ -33,6 +38,7 @@ class ShardSource:
     split: str | None = None
     fraction: float = 1.0
     modality: str = "pair"
+    repeat: bool = False
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -40,6 +46,7 @@ class ShardSource:
 
     def urls(self) -> list[str]:
         """The expanded, sorted-per-pattern list of shard paths (its first `fraction`)."""
+        self._check_modality()
         urls = self._all_urls()
         return urls[: self._kept(len(urls))]
 
@@ -64,6 +71,14 @@ class ShardSource:
             raise MissingInputError(f"no shards found for {self.shards!r} (split {self.split!r}): point data.init_args"
                                     ".root (or train) at a dataset (python -m lightning_vlm data synth / convert)")
         return urls
+
+    def _check_modality(self) -> None:
+        """A split whose manifest says what it holds is read as that (text read as pairs would skip every sample)."""
+        manifest = read_manifest(self.shards) if isinstance(self.shards, str) else None
+        stored = (manifest or {}).get("modality", {}).get(self.split)
+        if stored is not None and stored != self.modality:
+            raise InvalidSettingError(f"{self.shards} split {self.split!r} holds {stored} samples: give its source "
+                                      f"modality: {stored} (it has {self.modality!r})")
 
     def _kept(self, total: int) -> int:
         if not 0.0 < self.fraction <= 1.0:

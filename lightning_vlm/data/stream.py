@@ -5,7 +5,8 @@ Batching happens inside the stream (the DataLoader gets ``batch_size=None``) so 
 how many batches it owes: with `samples_per_epoch` set, every rank yields the same number of steps.
 
 Sources of one modality mix sample by sample; sources of different modalities (image-only, text-only, pairs)
-mix batch by batch, each batch tagged with its ``modality``. The batch-level draw is seeded by the epoch
+mix batch by batch, each batch tagged with its ``modality`` (a generative paradigm trains a text-only batch through
+its language model alone). The batch-level draw is seeded by the epoch
 alone, so every rank and worker draws the same sequence and the ranks of a step agree on its modality (a
 contrastive loss gathers across ranks only on pairs).
 
@@ -82,6 +83,7 @@ class ShardStream(IterableDataset):
         self.urls = [source.urls() for source in sources]
         self.weights = [source.weight for source in sources]
         self.modalities = [source.modality for source in sources]
+        self.repeats = [source.repeat for source in sources]
         self.transform, self.formatter, self.collate, self.config = transform, formatter, collate, config
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0  # `start`: batches of this epoch the rank already consumed (resumed runs)
@@ -104,7 +106,8 @@ class ShardStream(IterableDataset):
         groups = {m: [i for i, mi in enumerate(self.modalities) if mi == m] for m in dict.fromkeys(self.modalities)}
         pipelines = [self._modality_batches(m, sources, consumer, counter, seed) for m, sources in groups.items()]
         weights = [sum(self.weights[i] for i in sources) for sources in groups.values()]
-        batches = pipelines[0] if len(pipelines) == 1 else _drawn(pipelines, weights, random.Random(seed))
+        endless = [all(self.repeats[i] for i in sources) for sources in groups.values()]
+        batches = pipelines[0] if len(pipelines) == 1 else _drawn(pipelines, weights, random.Random(seed), endless)
         if self.config.samples_per_epoch is not None:
             batches = _take(batches, _share(len(self), consumer))
         return itertools.islice(batches, _share(self.start, consumer), None)
@@ -125,13 +128,14 @@ class ShardStream(IterableDataset):
     def _mixed(self, sources: list[int], consumer: Consumer, counter: BadDataCounter, rng: random.Random,
                seed: str) -> Iterator[dict]:
         """Raw samples of the `sources`, drawn by weight while more than one source still has samples."""
-        streams = [self._read(self.urls[i], consumer, counter, seed) for i in sources]
-        return _drawn(streams, [self.weights[i] for i in sources], rng)
+        streams = [self._read(i, consumer, counter, seed) for i in sources]
+        return _drawn(streams, [self.weights[i] for i in sources], rng, [self.repeats[i] for i in sources])
 
-    def _read(self, urls: list[str], consumer: Consumer, counter: BadDataCounter, seed: str) -> Iterator[dict]:
+    def _read(self, source: int, consumer: Consumer, counter: BadDataCounter, seed: str) -> Iterator[dict]:
+        urls = self.urls[source]
         if self.config.resampled:
             return resampled(urls, consumer, counter, seed)
-        if self.config.samples_per_epoch is not None:
+        if self.config.samples_per_epoch is not None or self.repeats[source]:
             return repeated(urls, consumer, counter, seed)
         return consumer_samples(urls, consumer, counter)
 
@@ -142,7 +146,7 @@ class ShardStream(IterableDataset):
         pixels, sample, flipped = self.transform(sample, rng)
         if modality == "text":
             pixels = torch.zeros_like(pixels)  # no image: the normalised mean, whatever the model's statistics
-        text = self.formatter(sample, self.transform.image_size, rng)
+        text = self.formatter(sample, self.transform.image_size, rng, modality)
         meta = dict(sample.info, key=sample.key, caption=sample.caption, flipped=flipped, **text.extra)
         return Example(pixels, text, meta)
 
@@ -252,14 +256,18 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
-def _drawn(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
-    """Items (samples or batches) drawn from `streams` by weight while more than one still has items."""
+def _drawn(streams: list[Iterator[dict]], weights: list[float], rng: random.Random,
+           endless: list[bool] | None = None) -> Iterator[dict]:
+    """Items (samples or batches) drawn from `streams` by weight while more than one still has items; streams
+    marked `endless` (repeated sources) are drawn until the others are spent, or forever if all are endless."""
     streams, weights = list(streams), list(weights)
-    while streams:
+    endless = list(endless or [False] * len(streams))
+    bounded = not all(endless)
+    while streams and not (bounded and all(endless)):
         i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
         item = next(streams[i], None)
         if item is None:
-            del streams[i], weights[i]
+            del streams[i], weights[i], endless[i]
         else:
             yield item
 

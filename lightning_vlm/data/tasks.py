@@ -5,7 +5,10 @@ Tasks mix by weight per recipe: ``contrastive`` (the caption alone, no LM loss),
 discretised location tokens), ``chat`` (several of the sample's questions as a multi-turn conversation about
 its image, every reply supervised), ``fewshot`` (a question after ``shots`` demonstrations: other images with
 their answered questions, interleaved; the collator draws the demonstrations from the batch). A task a sample
-cannot serve (plain caption data has no questions) falls back to captioning.
+cannot serve (plain caption data has no questions) falls back to captioning. A sample of a text-only source
+(``modality: text``) drawn for a generative task becomes ``text``: language modelling on the whole text, no prompt
+and no image (rehearsal against forgetting, as CogVLM2 and Phi-3-vision mix text-only data into VLM training); drawn
+for ``contrastive`` it stays an unlabelled caption (FLAVA's MLM reads it).
 
 Contrastive examples may also carry ``hard_negatives`` captions from the sample's json (NegCLIP, Yuksekgonul
 et al., 2023): the same scene with one colour, shape, size or relation swapped, scored as extra negatives. With
@@ -27,6 +30,7 @@ from lightning_vlm.data.synthetic.language import object_caption
 from lightning_vlm.tokens import location_tokens
 
 TASKS = ("contrastive", "caption", "vqa", "grounding", "chat", "fewshot")
+UNPROMPTED = ("contrastive", "text")  # tasks laid out as the text alone: no system prompt, prompt or image
 
 
 @dataclass
@@ -80,8 +84,11 @@ class TaskFormatter:
         self._names = [t for t, w in self.weights.items() if w > 0]
         self._weights = [self.weights[t] for t in self._names]
 
-    def __call__(self, sample: RawSample, image_size: int, rng: random.Random) -> TextExample:
+    def __call__(self, sample: RawSample, image_size: int, rng: random.Random, modality: str = "pair"
+                 ) -> TextExample:
         example = self._format(sample, image_size, rng)
+        if modality == "text" and example.task != "contrastive":
+            return TextExample("text", "", sample.caption)
         if example.task != "contrastive":
             example.system = self.system_prompt
         if "fewshot" in self._names:

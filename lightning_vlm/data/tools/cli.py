@@ -1,4 +1,5 @@
-"""``python -m lightning_vlm data {synth,convert,inspect,curate}``: make, convert, look at and filter webdataset shards.
+"""``python -m lightning_vlm data {synth,convert,rehearse,inspect,curate}``: make, convert, write, look at and filter
+webdataset shards.
 
 A thin argparse layer: each subcommand calls one importable function and prints its report.
 """
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_synth(commands)
     _add_convert(commands)
+    _add_rehearse(commands)
     _add_curate(commands)
     shown = _subcommand(commands, "inspect", "summarise shards: counts, keys, image sizes, samples", run_inspect)
     shown.add_argument("path", help="dataset root, a single .tar, or a brace pattern such as 'shard-{000..009}.tar'")
@@ -68,6 +70,29 @@ def run_convert_coco(args: argparse.Namespace) -> str:
     """Convert a COCO captions split."""
     return convert_coco(args.annotations, args.images, args.out, samples_per_shard=args.samples_per_shard,
                         split=args.split).summary()
+
+
+def run_convert_text(args: argparse.Namespace) -> str:
+    """Convert text files to text-only shards."""
+    from lightning_vlm.data.tools.text import convert_texts
+
+    return convert_texts(args.files, args.out, args.split, args.samples_per_shard)
+
+
+def run_rehearse(args: argparse.Namespace) -> str:
+    """Write the LM's self-synthesized rehearsal texts (the LM, the slow part, loaded once the output is known)."""
+    from lightning_vlm.data.rehearsal import synthesize
+    from lightning_vlm.data.tools.text import write_texts
+    from lightning_vlm.encoders.lm import LanguageModel
+
+    if args.samples < 1:
+        raise InvalidSettingError(f"--samples must be at least 1, got {args.samples}")
+    lm = LanguageModel(name_or_path=args.model)
+    rows = synthesize(lm, args.samples, args.seed, args.batch_size, args.max_new_tokens)
+    source = {"format": "rehearsal", "model": args.model, "seed": args.seed, "samples": args.samples}
+    count, shards = write_texts(rows, args.out, args.split, args.samples_per_shard, source)
+    dropped = f" ({args.samples - count} empty generations left out)" if count < args.samples else ""
+    return f"wrote {count} rehearsal texts by {args.model} in {len(shards)} shards to {args.out}{dropped}"
 
 
 def run_inspect(args: argparse.Namespace) -> str:
@@ -109,8 +134,8 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_convert(commands: argparse._SubParsersAction) -> None:
-    """``data convert {folder,coco}``: options shared by both converters, then each one's inputs."""
-    convert = commands.add_parser("convert", help="convert real image-caption data to shards")
+    """``data convert {folder,coco,text}``: each converter's inputs, then the options they share."""
+    convert = commands.add_parser("convert", help="convert real image-caption data, or text, to shards")
     sources = convert.add_subparsers(dest="source", required=True)
     folder = _subcommand(sources, "folder", "a folder of images + a CSV or JSONL of captions", run_convert_folder)
     folder.add_argument("--images", type=Path, required=True, help="folder the image paths are relative to")
@@ -120,10 +145,29 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
     coco = _subcommand(sources, "coco", "a COCO captions annotation file + its images", run_convert_coco)
     coco.add_argument("--annotations", type=Path, required=True, help="e.g. captions_train2017.json")
     coco.add_argument("--images", type=Path, required=True, help="folder of the file_name entries")
-    for sub in (folder, coco):
+    text = _subcommand(sources, "text", "text files to text-only shards (language rehearsal)", run_convert_text)
+    text.add_argument("--files", type=Path, nargs="+", required=True, metavar="FILE",
+                      help=".txt (paragraphs separated by blank lines) or .jsonl (rows with text, or question and "
+                           "answer)")
+    for sub in (folder, coco, text):
         sub.add_argument("--out", type=Path, required=True, help="dataset root; shards go to OUT/SPLIT/")
         sub.add_argument("--split", default="train", help="split name (other splits in OUT are kept)")
         sub.add_argument("--samples-per-shard", type=int, default=1000)
+
+
+def _add_rehearse(commands: argparse._SubParsersAction) -> None:
+    """``data rehearse``: the LM, where to write, and how many texts, sampled how."""
+    rehearse = _subcommand(commands, "rehearse", "text-only shards the LM writes itself on fixed general prompts "
+                           "(self-synthesized rehearsal)", run_rehearse)
+    rehearse.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                          help="the LM as a recipe names it, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    rehearse.add_argument("--out", type=Path, required=True, help="dataset root; shards go to OUT/SPLIT/")
+    rehearse.add_argument("--samples", type=int, default=200, metavar="N", help="texts written (prompts in turn)")
+    rehearse.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    rehearse.add_argument("--split", default="train", help="split name (other splits in OUT are kept)")
+    rehearse.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
+    rehearse.add_argument("--max-new-tokens", type=int, default=80, metavar="N", help="length limit of each text")
+    rehearse.add_argument("--samples-per-shard", type=int, default=1000)
 
 
 def _add_curate(commands: argparse._SubParsersAction) -> None:

@@ -172,13 +172,19 @@ def write_records(records: Iterable[dict[str, Any]], split_dir: Path, samples_pe
     return [Path(name) for name in written], count
 
 
-def update_manifest(out: Path, split: str, count: int, shards: list[str], source: dict[str, str]) -> None:
-    """Set one split in ``out/dataset.json`` (created if absent; other splits kept), written atomically."""
+def update_manifest(out: Path, split: str, count: int, shards: list[str], source: dict[str, Any],
+                    modality: str | None = None) -> None:
+    """Set one split in ``out/dataset.json`` (created if absent; other splits kept), written atomically; a
+    unimodal split records its ``modality`` (image-caption splits record none, as before)."""
     path = out / MANIFEST
     manifest = read_manifest(out) or {}
     manifest["version"] = MANIFEST_VERSION
     for name, value in (("counts", count), ("splits", shards), ("source", source)):
         manifest.setdefault(name, {})[split] = value
+    if modality is not None:
+        manifest.setdefault("modality", {})[split] = modality
+    else:
+        manifest.get("modality", {}).pop(split, None)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)

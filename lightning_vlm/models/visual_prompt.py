@@ -140,6 +140,15 @@ class VisualPromptLM(nn.Module, ABC):
         sequence = self.interleave(pixel_values, input_ids, attention_mask, image_index, labels)
         return self.language_model(sequence.embeds, sequence.mask, sequence.labels)
 
+    def predict_language(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> NextTokenOutput:
+        """The LM's predictions of text alone, no image read (a text-only batch: rehearsal against forgetting). Parts
+        that read images by hooks (cross-attention, adaptation prompts, visual experts) act only while an image is
+        given, so this is the LM as it is."""
+        if self.language_model is None:
+            raise ValueError(f"this {type(self).__name__} has no language_model to predict text with")
+        lm = self.language_model
+        return lm(lm.embed(input_ids), attention_mask, labels)
+
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 image_index: Tensor | None = None) -> NextTokenOutput:
         """What the paradigm trains: `predict_text` (a model with other objectives as well says so here)."""

@@ -3,7 +3,9 @@
 The model (a `VisualPromptLM`: LLaVA, PaliGemma's prefix-LM, Flamingo, Fuyu, ...) predicts the text and
 ``generate``s; this paradigm trains it on the next-token loss over the target text (captions and answers, as the
 DataModule's task mixture lays them out), evaluates generated captions (CIDEr-D, BLEU-4) and answers (VQA accuracy
-per skill), and answers about any image from Python (`generate`) or over a split (`predict`).
+per skill), and answers about any image from Python (`generate`) or over a split (`predict`). A text-only batch (a
+``modality: text`` source mixed in against forgetting, as CogVLM2 and Phi-3-vision do) trains the LM alone on
+``text_lm``, the next-token loss on every token of the text.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from PIL import Image
 from torch import Tensor
 
 from lightning_vlm.data.collate import Collator, Example
+from lightning_vlm.data.datamodule import ShardDataModule
 from lightning_vlm.data.reading import RawSample
 from lightning_vlm.data.tasks import TextExample
 from lightning_vlm.data.transforms import ImageTransform
 from lightning_vlm.encoders.lm import NextTokenOutput
+from lightning_vlm.errors import InvalidSettingError
 from lightning_vlm.eval.generation import GenerationEvaluator
 from lightning_vlm.eval.likelihood import LikelihoodZeroShot
 from lightning_vlm.eval.suite import Evaluator
-from lightning_vlm.losses import NextTokenLoss, WeightedLoss
-from lightning_vlm.losses.language import sequence_log_likelihood
+from lightning_vlm.losses import LossOutput, NextTokenLoss, WeightedLoss
+from lightning_vlm.losses.language import next_token_loss, sequence_log_likelihood
 from lightning_vlm.models.visual_prompt import VisualPromptLM
 from lightning_vlm.paradigms.base import VLMParadigm
 from lightning_vlm.tokens import IMAGE_TOKEN
@@ -54,6 +58,32 @@ class ImageToText(VLMParadigm):
     def model_output(self, batch: dict[str, Any]) -> NextTokenOutput:
         return self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
                           batch.get("image_index"))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        """Image-text batches train on the family's loss; a text-only batch on `text_loss`, skipped (the step still
+        counts) while nothing the LM computes trains, as in a phase that freezes it."""
+        if batch.get("modality", "pair") != "text":
+            return super().training_step(batch, batch_idx)
+        losses = self.text_loss(batch)
+        if not self._finite_everywhere(losses.total):
+            return self._nonfinite(losses, batch)
+        self.log_losses("train", losses, batch_size=len(batch["meta"]))
+        return losses.total if losses.total.requires_grad else None
+
+    def text_loss(self, batch: dict[str, Any]) -> LossOutput:
+        """``text_lm``: the next-token loss of the LM alone on a text-only batch (no image encoded, none placed)."""
+        out = self.model.predict_language(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return LossOutput.from_terms({"text_lm": next_token_loss(out)})
+
+    def setup(self, stage: str) -> None:
+        """Loads ``init_from``; a text-only training source is refused at once when there is no LM to train on it."""
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.model.language_model is None and isinstance(datamodule, ShardDataModule):
+            text = [source.shards for source in datamodule.train_sources() if source.modality == "text"]
+            if text:
+                raise InvalidSettingError(f"text-only source(s) {text} train a language model, which this "
+                                          f"{type(self.model).__name__} lacks: remove them from data.init_args.train")
 
     def evaluators(self) -> list[Evaluator]:
         """Generated captions and answers scored, and zero-shot colour and shape by caption likelihood (on at most

@@ -194,7 +194,7 @@ def test_every_trainable_parameter_learns_and_it_overfits_a_batch(tiny_benchmark
                  num_mixture_tokens=K, authors_head=True)
     assert model.mixture_attn.k.weight.shape == (K, 64, E)
     paradigm = Contrastive(model, LlipLoss(), lr=1e-3, warmup_steps=1)
-    batch = next(iter(ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1}, batch_size=16).train_dataloader()))
+    batch = next(iter(ShardDataModule(root=tiny_benchmark, tasks={"contrastive": 1}, batch_size=8).train_dataloader()))
     args = (standardised(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"])
     optimizer = torch.optim.AdamW(paradigm.parameters(), lr=3e-4)
     losses = []
@@ -206,7 +206,7 @@ def test_every_trainable_parameter_learns_and_it_overfits_a_batch(tiny_benchmark
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * chance_loss("llip", 16), losses[::10]
+    assert losses[-1] < 0.5 * chance_loss("llip", 8), losses[::10]
 
 
 def test_the_llip_authors_comparison_entry_passes_the_checks(tiny_benchmark, tmp_path, monkeypatch) -> None:

@@ -58,8 +58,8 @@ class ShardDataModule(LightningDataModule):
     Args:
         root: dataset root; the default synthetic benchmark is generated here when missing.
         train: shards for training instead of ``root``'s train split: a pattern, a directory, or a list of
-            `ShardSource` (``shards``, ``weight``, ``split``, ``modality``, ``repeat``) mixed by weight: sample by sample
-            within a modality, batch by batch across modalities (image-only and text-only batches for FLAVA;
+            `ShardSource` (``shards``, ``weight``, ``split``, ``modality``, ``repeat``) mixed by weight: sample by
+            sample within a modality, batch by batch across modalities (image-only and text-only batches for FLAVA;
             text-only batches a generative paradigm trains its language model on, against forgetting).
         val_splits / test_splits: splits of ``root`` evaluated, in order (each its own dataloader).
         tasks: task mixture for training, e.g. ``{caption: 1, vqa: 1}``; ``eval_tasks`` for evaluation.

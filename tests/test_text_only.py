@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from lightning_vlm.adapters import MLP, QFormer
 from lightning_vlm.cli import main
@@ -34,6 +35,7 @@ from lightning_vlm.paradigms.blip2 import BLIP2Paradigm
 from lightning_vlm.paradigms.generative import ImageToText
 from lightning_vlm.tokens import IGNORE_INDEX, IMAGE_TOKEN
 
+RECIPES = Path(__file__).parents[1] / "recipes"
 TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
            "num_key_value_heads": 1}
@@ -188,6 +190,46 @@ def test_a_mixture_gives_text_batches_at_its_weight_and_the_pair_batches_of_a_pa
     once = replace(text, repeat=False)
     kinds_once = [batch["modality"] for batch in make_loader(text_stream(lm, [pairs, once], config), 0, train=False)]
     assert kinds_once.count("text") == 10 and kinds_once.count("pair") == 64  # without repeat the texts run out
+
+
+@pytest.mark.parametrize("recipe, part", [("llava_smollm2", "text_rehearsal_llava"),
+                                          ("blip2_smollm2", "text_rehearsal_blip2")])
+def test_a_rehearsal_override_changes_only_the_mixture_and_the_checkpoint_folder(recipe, part, tiny_benchmark,
+                                                                                 tmp_path):
+    """Composed by LightningCLI's second --config (the real LM and Q-Former swapped for tiny ones to build fast)."""
+    from lightning_vlm.callbacks import StagedFreezing
+    from lightning_vlm.cli import VLMCLI
+
+    from conftest import point_at
+
+    config = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
+    parts = config["model"]["init_args"]["model"]["init_args"]
+    parts["vision"] = yaml.safe_load((RECIPES / "parts" / "clip_cnn.yaml").read_text())
+    parts["language_model"]["init_args"] = {"tokenizer": tiny_benchmark, "config": TINY_LM}
+    if "qformer" in parts:
+        parts["qformer"]["init_args"] = {"tokenizer": tiny_benchmark, "config": TINY_BERT, "num_queries": 4}
+    override = yaml.safe_load((RECIPES / "parts" / f"{part}.yaml").read_text())
+    for name, tree in (("recipe", config), ("override", override)):
+        point_at(tree, tiny_benchmark)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tree))
+    built = []
+    for configs in (["recipe"], ["recipe", "override"]):
+        args = [word for name in configs for word in ("--config", str(tmp_path / f"{name}.yaml"))]
+        built.append(VLMCLI(args=[*args, "--model.init_args.init_from", "[]", "--trainer.logger", "false"], run=False))
+    alone, rehearsed = (cli.config.as_dict() for cli in built)
+    checkpoints = [cli.trainer.checkpoint_callback.dirpath for cli in built]
+    assert checkpoints[1] == checkpoints[0] + "_text"  # the recipe's own checkpoint is left alone
+    sources = rehearsed["data"]["init_args"].pop("train")
+    assert alone["data"]["init_args"].pop("train") is None
+    assert [(s["shards"], s["modality"], s["repeat"]) for s in sources] == [
+        (tiny_benchmark, "pair", False), ("data/rehearsal", "text", True)]
+    for config in (alone, rehearsed):
+        config["trainer"]["callbacks"][0]["init_args"].pop("dirpath")
+        config.pop("config")  # the files given
+        config["trainer"].pop("plugins")  # an instance the command line adds to each run
+    assert rehearsed == alone  # the staged plan, the retention probe and every other setting are the recipe's
+    plans = [next(c for c in cli.trainer.callbacks if isinstance(c, StagedFreezing)) for cli in built]
+    assert repr(plans[0].__dict__) == repr(plans[1].__dict__)
 
 
 def test_convert_text_writes_what_it_read(tmp_path, capsys):

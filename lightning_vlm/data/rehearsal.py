@@ -47,7 +47,7 @@ def load_prompts() -> list[RehearsalPrompt]:
 
 
 @torch.no_grad()
-def synthesize(lm: LanguageModel, samples: int, seed: int = 0, batch_size: int = 16, max_new_tokens: int = 80,
+def synthesize(lm: LanguageModel, samples: int, seed: int = 0, batch_size: int = 16, max_new_tokens: int = 60,
                temperature: float = 0.7, top_p: float = 0.9) -> list[TextRow]:
     """``samples`` texts the LM writes for the prompts, in turn (its chat template lays out the requests where it has
     one); a paragraph is kept as written, an answer after its question. Generations left empty are dropped. The

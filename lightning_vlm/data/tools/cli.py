@@ -162,11 +162,12 @@ def _add_rehearse(commands: argparse._SubParsersAction) -> None:
     rehearse.add_argument("--model", required=True, metavar="NAME_OR_PATH",
                           help="the LM as a recipe names it, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     rehearse.add_argument("--out", type=Path, required=True, help="dataset root; shards go to OUT/SPLIT/")
-    rehearse.add_argument("--samples", type=int, default=200, metavar="N", help="texts written (prompts in turn)")
+    rehearse.add_argument("--samples", type=int, default=400, metavar="N", help="texts written (prompts in turn)")
     rehearse.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     rehearse.add_argument("--split", default="train", help="split name (other splits in OUT are kept)")
     rehearse.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
-    rehearse.add_argument("--max-new-tokens", type=int, default=80, metavar="N", help="length limit of each text")
+    rehearse.add_argument("--max-new-tokens", type=int, default=60, metavar="N",
+                          help="length limit of each text (the DataModule's max_length cuts longer ones)")
     rehearse.add_argument("--samples-per-shard", type=int, default=1000)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_vlm.adapters import MLP, QFormer
+from lightning_vlm.adapters import MLP, AttentionPooler, Linear, PerceiverResampler, QFormer
 from lightning_vlm.cli import main
 from lightning_vlm.data.collate import Collator
 from lightning_vlm.data.datamodule import ShardDataModule
@@ -24,13 +24,19 @@ from lightning_vlm.data.stream import ShardStream, StreamConfig, make_loader
 from lightning_vlm.data.tasks import TaskFormatter
 from lightning_vlm.data.tools.text import TextRow, write_texts
 from lightning_vlm.data.transforms import ImageTransform
-from lightning_vlm.encoders import VisionEncoder
+from lightning_vlm.encoders import RawPatches, VisionEncoder
 from lightning_vlm.encoders.lm import LanguageModel
 from lightning_vlm.errors import InvalidSettingError
 from lightning_vlm.eval.retention import load_paragraphs, load_questions
 from lightning_vlm.losses import BLIP2Loss
+from lightning_vlm.losses.language import next_token_loss
 from lightning_vlm.models.blip2 import BLIP2
+from lightning_vlm.models.coca import CoCa
+from lightning_vlm.models.cogvlm import CogVLM
+from lightning_vlm.models.flamingo import Flamingo
+from lightning_vlm.models.llama_adapter import LLaMAAdapter
 from lightning_vlm.models.llava import LLaVA
+from lightning_vlm.models.prefix_lm import PrefixLM
 from lightning_vlm.paradigms.blip2 import BLIP2Paradigm
 from lightning_vlm.paradigms.generative import ImageToText
 from lightning_vlm.tokens import IGNORE_INDEX, IMAGE_TOKEN
@@ -111,6 +117,43 @@ def test_a_text_batch_trains_the_lm_alone_on_its_own_next_token_loss(tiny_benchm
 
     model.language_model.requires_grad_(False)  # a phase that freezes the LM: nothing to train on text
     assert paradigm.training_step(batch, 0) is None
+
+
+FAMILIES = {
+    "llava": lambda vit, lm: LLaVA(vit, lm, MLP()),
+    "fuyu": lambda vit, lm: LLaVA(RawPatches(patch_size=16), lm, Linear()),
+    "prefix_lm": lambda vit, lm: PrefixLM(vit, lm),
+    "flamingo": lambda vit, lm: Flamingo(vit, lm, PerceiverResampler(num_latents=4, depth=1, num_heads=2),
+                                         num_heads=2),
+    "coca": lambda vit, lm: CoCa(vit, lm, embed_dim=16, caption_pooler=AttentionPooler(num_queries=4, num_heads=2),
+                                 num_heads=2),
+    "cogvlm": lambda vit, lm: CogVLM(RawPatches(patch_size=16), lm, Linear()),
+    "llama_adapter": lambda vit, lm: LLaMAAdapter(vit, lm, num_prompts=4),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_predicts_text_alone_as_its_lm_does(family, tiny_benchmark, text_root):
+    """What reads images by hooks (gates, experts, prompts) stays out of a text batch, even with its parts far from
+    their initial values (gates at 0 and expert copies would otherwise hide a leak)."""
+    torch.manual_seed(0)
+    model = FAMILIES[family](VisionEncoder("vit_tiny_patch16_224", overrides=TINY_VIT),
+                             LanguageModel(tokenizer=tiny_benchmark, config=TINY_LM)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.startswith("language_model."):
+                param.add_(torch.randn_like(param))
+    model.register_forward_pre_hook(lambda *args: pytest.fail("predict_language must not run the whole model"))
+    for part in model.children():
+        if part is not model.language_model:
+            part.register_forward_pre_hook(lambda *args: pytest.fail("a text batch reached an image-side part"))
+    source = ShardSource(str(text_root), split="train", modality="text")
+    batch = next(iter(make_loader(text_stream(model.language_model, [source], StreamConfig(batch_size=5)), 0,
+                                  train=False)))
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ours = next_token_loss(model.predict_language(ids, mask, labels))
+    reference = model.language_model.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(ours, reference, atol=1e-5)
 
 
 def test_fit_mixes_text_batches_that_never_encode_an_image(tiny_benchmark, text_root, tmp_path):

@@ -6,9 +6,8 @@ how many batches it owes: with `samples_per_epoch` set, every rank yields the sa
 
 Sources of one modality mix sample by sample; sources of different modalities (image-only, text-only, pairs)
 mix batch by batch, each batch tagged with its ``modality`` (a generative paradigm trains a text-only batch through
-its language model alone). The batch-level draw is seeded by the epoch
-alone, so every rank and worker draws the same sequence and the ranks of a step agree on its modality (a
-contrastive loss gathers across ranks only on pairs).
+its language model alone). The batch-level draw is seeded by the epoch alone, so every rank and worker draws the
+same sequence and the ranks of a step agree on its modality (a contrastive loss gathers across ranks only on pairs).
 
 A stream is a pure function of (seed, epoch, rank, worker), so its position is two numbers, `StreamPosition`: the
 epoch and how many of its batches the rank consumed. A resumed run re-derives the epoch and drops the batches

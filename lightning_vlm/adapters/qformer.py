@@ -6,7 +6,8 @@ and text then take separate feed-forward networks, both initialised from the BER
 transformers BERT checkpoint (cross-attention newly initialised), or built from a config for tiny models.
 
 Written by hand: transformers' Blip2QFormerModel takes queries only (no text, so no stage-1 masks), and its
-BERT layers have no separate query feed-forward. `QFormerAdapter` is the Q-Former, queries only, as an `Adapter`.
+BERT layers have no separate query feed-forward. `QFormerAdapter` is the Q-Former as an `Adapter`: queries only
+(BLIP-2), or with the instruction's tokens beside them (InstructBLIP).
 """
 
 from __future__ import annotations
@@ -243,28 +244,67 @@ ADAPTER_CONFIG: dict[str, Any] = {"hidden_size": 128, "num_attention_heads": 4, 
 class QFormerAdapter(Adapter):
     """BLIP-2's Q-Former (Li et al., 2023) as an adapter: `num_queries` learned queries read the image tokens
     (cross-attention every `cross_attention_freq` layers), then a linear map into the LM's width, as BLIP-2 prompts
-    its LM. Queries only, so not instruction-aware (InstructBLIP's prompt beside the queries is not taken here).
-    ``config``: keys of a BertConfig over `ADAPTER_CONFIG`.
+    its LM. ``instruction_aware`` (InstructBLIP, Dai et al., 2023): the instruction's tokens, in the LM's ids, share
+    the queries' self-attention (the queries alone read the image), so the queries extract what it asks about; only
+    the queries reach the LM. The model holding it gives the LM's vocabulary (`for_vocabulary`) before `build` and
+    each image's instruction to every call. ``config``: keys of a BertConfig over `ADAPTER_CONFIG`.
     """
 
     def __init__(self, num_queries: int = 4, cross_attention_freq: int = 2,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, instruction_aware: bool = False) -> None:
         super().__init__()
         self.num_queries, self.cross_attention_freq = num_queries, cross_attention_freq
         self.config = {**ADAPTER_CONFIG, **(config or {})}
+        self.instruction_aware = instruction_aware
+        self.vocab_size: int | None = None
+
+    @property
+    def reads_instruction(self) -> bool:
+        """Whether each call needs the instruction's token ids (a model holding the adapter asks this)."""
+        return self.instruction_aware
+
+    def for_vocabulary(self, vocab_size: int) -> QFormerAdapter:
+        """Size the instruction's word table to the LM's vocabulary; before `build`, which creates it."""
+        if self.width_in is not None:
+            raise RuntimeError("QFormerAdapter.for_vocabulary comes before build: the word table is built there")
+        self.vocab_size = vocab_size
+        return self
 
     def _build(self, width_in: int, width_out: int) -> None:
+        if self.instruction_aware and self.vocab_size is None:
+            raise ValueError("an instruction-aware QFormerAdapter reads the LM's token ids: call "
+                             "for_vocabulary(the LM's vocabulary size) before build (LLaVA does)")
         self.qformer = QFormer(width_in, config=self.config, num_queries=self.num_queries,
-                               cross_attention_freq=self.cross_attention_freq, vocab_size=1)
-        # the text path never runs on queries alone: dropped, so every parameter left trains and is counted as such
-        del self.qformer.word_embeddings, self.qformer.position_embeddings, self.qformer.decoder_token
-        for layer in self.qformer.layers:
-            layer.text_ffn = nn.Identity()  # applied to an empty text part
+                               cross_attention_freq=self.cross_attention_freq, vocab_size=self.vocab_size or 1)
+        # the unused text path is dropped, so every parameter left trains and is counted as such
+        del self.qformer.decoder_token
+        if not self.instruction_aware:
+            del self.qformer.word_embeddings, self.qformer.position_embeddings
+        for layer in self.qformer.layers if not self.instruction_aware else self.qformer.layers[-1:]:
+            layer.text_ffn = nn.Identity()  # applied to an empty text part, or to text no later layer reads
         self.proj = nn.Linear(self.qformer.width, width_out)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, N, D_in) -> (B, num_queries, D_out)."""
-        return self.proj(self.qformer(tokens).queries)
+    def __call__(self, tokens: Tensor, instruction: Tensor | None = None,
+                 instruction_mask: Tensor | None = None) -> Tensor:
+        """The adapter's call (`Adapter`), with the instruction beside the image tokens when there is one."""
+        if instruction is None or self.width_in is None:  # the contract's checks, on the image tokens alone
+            return super().__call__(tokens)
+        return nn.Module.__call__(self, tokens, instruction, instruction_mask)
+
+    def forward(self, tokens: Tensor, instruction: Tensor | None = None,
+                instruction_mask: Tensor | None = None) -> Tensor:
+        """(B, N, D_in) image tokens, and with ``instruction_aware`` each image's instruction ids (B, T) with their
+        padding mask (B, T) -> (B, num_queries, D_out); the instruction's own outputs are dropped. An instruction
+        longer than the Q-Former's position table keeps its start (InstructBLIP truncates it alike)."""
+        if self.instruction_aware != (instruction is not None):
+            raise ValueError(f"this QFormerAdapter (instruction_aware={self.instruction_aware}) was "
+                             f"{'given' if instruction is not None else 'not given'} an instruction")
+        if instruction is not None:
+            length = self.qformer.position_embeddings.num_embeddings
+            instruction_mask = torch.ones_like(instruction) if instruction_mask is None else instruction_mask
+            instruction, instruction_mask = instruction[:, :length], instruction_mask[:, :length]
+        # InstructBLIP's mask: queries and instruction all see each other, padding none
+        return self.proj(self.qformer(tokens, instruction, instruction_mask, mask="bidirectional").queries)
 
     def num_output_tokens(self, num_tokens: int) -> int:
         return self.num_queries

@@ -119,6 +119,18 @@ def test_curve_points_validate_a_cell_at_evenly_spaced_steps_in_place_of_the_rec
         assert "limit_val_batches" not in trainer or points == 0  # the recipe sets none: every val batch runs
 
 
+def test_a_cell_seeds_both_the_initialisation_and_the_data_stream(tmp_path):
+    """Seeds must vary what a fine-tune sees too: its weights all come from a checkpoint, so only the stream's order
+    and augmentation can tell its seeds apart (the datamodule seeds them itself, apart from seed_everything)."""
+    from lightning_vlm.compare.cells import cell_config
+
+    entry = Entry("clip", "recipes/clip.yaml")
+    compared = Comparison("c", [entry], samples=1280, seeds=[0, 3], root=RECIPES.parent)
+    for seed in compared.seeds:
+        config = cell_config(compared, entry, seed, tmp_path)
+        assert config["seed_everything"] == seed and config["data"]["init_args"]["seed"] == seed
+
+
 def test_curves_set_each_validation_against_samples_and_flops_with_a_band_over_seeds(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

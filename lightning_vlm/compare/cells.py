@@ -58,7 +58,8 @@ def cell_name(entry: Entry, seed: int) -> str:
 
 
 def cell_config(comparison: Comparison, entry: Entry, seed: int, out: Path) -> dict:
-    """The entry's recipe with its overrides, trained for the budget's samples from this seed: staged phases
+    """The entry's recipe with its overrides, trained for the budget's samples from this seed (the initialisation and
+    the data stream's order and augmentation both): staged phases
     compressed in proportion, checkpoints and logs inside `out`; it validates while training only at the comparison's
     `curve_points` evenly spaced steps (in place of the recipe's val_check_interval), which its curves plot."""
     config = read_recipe(comparison.recipe_path(entry))
@@ -85,6 +86,8 @@ def cell_config(comparison: Comparison, entry: Entry, seed: int, out: Path) -> d
         {"class_path": f"{__name__}.MetricsWriter", "init_args": {"path": str(cell / "metrics.json")}},
     ]
     config["seed_everything"] = seed
+    data["seed"] = seed  # the stream's own seed (order, augmentation): a fine-tune whose weights all come from a
+    # checkpoint would otherwise train identically under every seed
     config["model"]["init_args"]["eval_max_samples"] = comparison.eval_max_samples
     return config
 

@@ -61,7 +61,7 @@ def test_without_a_logger_or_a_terminal_a_fit_prints_plain_progress_lines(tiny_b
     assert [line.split(" | ")[0] for line in progress] == ["step 2/4", "step 4/4"]
     assert all(" samples/s | loss " in line and " | ETA " in line for line in progress)
     (validation,) = [line for line in lines if line.startswith("validation at step 4: ")]
-    assert "val/loss" in validation
+    assert "val/loss" in validation and "val/i2t_r1" in validation  # val's metrics before compositional's
 
 
 def test_configs_compose_later_files_win(tmp_path, capsys):

@@ -49,6 +49,7 @@ class LineProgress(ProgressBar):
             return
         metrics = [(name, value) for name, value in trainer.callback_metrics.items()
                    if not name.startswith(("train/", "budget/", "data/")) and value.numel() == 1]
-        metrics.sort(key=lambda metric: (not metric[0].endswith("/loss"), metric[0]))  # each split's loss first
+        # each split's loss first, then the val split's metrics, then the other splits' (the line keeps 12)
+        metrics.sort(key=lambda metric: (not metric[0].endswith("/loss"), not metric[0].startswith("val/"), metric[0]))
         print(f"validation at step {trainer.global_step}: "
               + ", ".join(f"{name} {float(value):.4g}" for name, value in metrics[:12]), flush=True)

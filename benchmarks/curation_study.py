@@ -1,11 +1,12 @@
 """Curation by bootstrapping, measured: a noisy copy of the benchmark, a first CLIP trained on it, that CLIP's
-CLIPScore curating it, then comparisons/curation.yaml (clean vs noisy vs curated, one budget, one yardstick).
+CLIPScore curating it (alone, and after caption dedup), then comparisons/curation.yaml (clean vs noisy vs the two
+curated copies, one budget, one yardstick).
 
     python benchmarks/curation_study.py [--noise 0.2] [--keep-fraction 0.8] [--scorer-steps 313]
 
-Each step is skipped when its output exists (delete it to redo). The curation report (precision and recall of the
-noisy pairs removed, by rule) is printed and kept in data/noisy_curated/report.md; the comparison writes
-runs/compare/curation/results.md.
+Each step is skipped when its output exists (delete it to redo). The curation reports (precision and recall of the
+noisy pairs removed, by rule) are printed and kept in data/noisy_scored/report.md and data/noisy_curated/report.md;
+the comparison writes runs/compare/curation/results.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import yaml
 
-NOISY, CURATED, SCORER = Path("data/noisy"), Path("data/noisy_curated"), Path("checkpoints/clip_noisy")
+NOISY, SCORER = Path("data/noisy"), Path("checkpoints/clip_noisy")
+# each curated root with the rules before its CLIPScore
+CURATED = {Path("data/noisy_scored"): [], Path("data/noisy_curated"): ["--dedup-captions", "normalized"]}
 
 
 def run(args: list[str]) -> None:
@@ -51,10 +54,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             run(["fit", "--config", "recipes/clip.yaml", "--config", str(scorer_override(args.scorer_steps,
                                                                                             Path(folder)))])
-    if not (CURATED / "dataset.json").is_file():
-        run(["data", "curate", "--in", str(NOISY), "--out", str(CURATED), "--dedup-captions", "normalized",
-             "--scorer-config", "recipes/clip.yaml", "--scorer-checkpoint", str(SCORER / "last.ckpt"),
-             "--keep-fraction", str(args.keep_fraction)])
+    for root, rules in CURATED.items():
+        if not (root / "dataset.json").is_file():
+            run(["data", "curate", "--in", str(NOISY), "--out", str(root), *rules, "--scorer-config",
+                 "recipes/clip.yaml", "--scorer-checkpoint", str(SCORER / "last.ckpt"),
+                 "--keep-fraction", str(args.keep_fraction)])
     run(["compare", "--config", "comparisons/curation.yaml"])
 
 

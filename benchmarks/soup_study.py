@@ -1,7 +1,7 @@
 """Model soups against their ingredients, and EMA against none: comparisons/soups.yaml's cells, then the uniform and
 the greedy soup (on val/i2t_r1) of each entry's seeds, each scored by the same test run as a compare cell.
 
-    python benchmarks/soup_study.py [--out runs/compare/soups] [--entries finetune scratch]
+    python benchmarks/soup_study.py [--config comparisons/soups.yaml] [--out runs/compare/soups] [--entries finetune]
 
 Prints a markdown table (mean and spread over seeds for the ingredients, one number for a soup) and writes it to
 OUT/soups.md. Reruns skip the cells and soups already scored.
@@ -59,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="comparisons/soups.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/compare/soups"))
-    parser.add_argument("--entries", nargs="+", default=["finetune", "scratch"], help="the entries souped")
+    parser.add_argument("--entries", nargs="+", default=["finetune", "finetune-ema", "scratch"],
+                        help="the entries souped")
     args = parser.parse_args()
     run(["compare", "--config", args.config, "--out", str(args.out)])
     comparison = load_comparison(args.config)

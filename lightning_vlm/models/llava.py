@@ -43,6 +43,10 @@ class LLaVA(VisualPromptLM):
                 raise ValueError("AnyRes reads tiles, which have no instruction of their own: choose an adapter that "
                                  "does not read the instruction")
             adapter.for_vocabulary(language_model.model.get_input_embeddings().num_embeddings)
+            # kept out of an instruction: BOS, EOS, padding, the image placeholder, and a chat template's markers
+            # where the tokenizer declares them special
+            special = {*language_model.tokenizer.all_special_ids, language_model.image_token_id}
+            self.register_buffer("special_ids", torch.tensor(sorted(special)), persistent=False)
         self.projector = adapter.build(vision.width, language_model.width)
         self.image_newline = nn.Parameter(torch.randn(language_model.width) * 0.02) if image_newline else None
         self.anyres = anyres
@@ -74,19 +78,12 @@ class LLaVA(VisualPromptLM):
         if not self.reads_instruction:
             return super().interleave(pixel_values, input_ids, attention_mask, image_index, labels)
         lm = self.language_model
-        keep = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+        keep = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
         if labels is not None:
             keep &= labels == IGNORE_INDEX  # the answers are never read
         visual, lengths = self.image_tokens(pixel_values, instruction_tokens(input_ids, keep, len(pixel_values)))
         return place_images(visual, lm.embed(input_ids), input_ids, attention_mask, lm.image_token_id, image_index,
                             labels, lengths)
-
-    @property
-    def special_ids(self) -> Tensor:
-        """The LM tokenizer's special tokens, kept out of an instruction: BOS, EOS, padding, the image placeholder,
-        and a chat template's markers where the tokenizer declares them special."""
-        tokenizer = self.language_model.tokenizer
-        return torch.tensor(sorted({*tokenizer.all_special_ids, self.language_model.image_token_id}))
 
 
 def instruction_tokens(input_ids: Tensor, keep: Tensor, num_images: int) -> tuple[Tensor, Tensor]:

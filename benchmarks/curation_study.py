@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+from lightning_vlm.compare.cells import write_config
 
 NOISY, SCORER = Path("data/noisy"), Path("checkpoints/clip_noisy")
 # each curated root with the rules before its CLIPScore
@@ -37,9 +37,7 @@ def scorer_override(steps: int, folder: Path) -> Path:
              "init_args": {"dirpath": str(SCORER), "filename": "last", "enable_version_counter": False}}]},
         "data": {"init_args": {"root": str(NOISY)}},
     }
-    path = folder / "scorer.yaml"
-    path.write_text(yaml.safe_dump(override))
-    return path
+    return write_config(override, folder, "scorer.yaml")
 
 
 def main() -> None:

@@ -59,9 +59,9 @@ def cell_name(entry: Entry, seed: int) -> str:
 
 def cell_config(comparison: Comparison, entry: Entry, seed: int, out: Path) -> dict:
     """The entry's recipe with its overrides, trained for the budget's samples from this seed (the initialisation and
-    the data stream's order and augmentation both): staged phases
-    compressed in proportion, checkpoints and logs inside `out`; it validates while training only at the comparison's
-    `curve_points` evenly spaced steps (in place of the recipe's val_check_interval), which its curves plot."""
+    the data stream's order and augmentation both): staged phases compressed in proportion, checkpoints and logs
+    inside `out`; it validates while training only at the comparison's `curve_points` evenly spaced steps (in place
+    of the recipe's val_check_interval), which its curves plot."""
     config = read_recipe(comparison.recipe_path(entry))
     for key, value in entry.overrides.items():
         set_dotted(config, key, value)

@@ -35,10 +35,11 @@ class Adapter(nn.Module, ABC):
     def num_output_tokens(self, num_tokens: int) -> int:
         """M, the number of tokens out for N tokens in (the image-token count a language model reads)."""
 
-    def __call__(self, tokens: Tensor) -> Tensor:
+    def __call__(self, tokens: Tensor, *context: Tensor | None) -> Tensor:
+        """The image tokens, and whatever else an adapter's forward reads beside them (an instruction)."""
         if self.width_in is None:
             raise RuntimeError(f"{type(self).__name__} is used before build(width_in, width_out)")
-        return super().__call__(tokens)
+        return super().__call__(tokens, *context)
 
 
 def square_grid(num_tokens: int) -> int:

@@ -284,13 +284,6 @@ class QFormerAdapter(Adapter):
             layer.text_ffn = nn.Identity()  # applied to an empty text part, or to text no later layer reads
         self.proj = nn.Linear(self.qformer.width, width_out)
 
-    def __call__(self, tokens: Tensor, instruction: Tensor | None = None,
-                 instruction_mask: Tensor | None = None) -> Tensor:
-        """The adapter's call (`Adapter`), with the instruction beside the image tokens when there is one."""
-        if instruction is None or self.width_in is None:  # the contract's checks, on the image tokens alone
-            return super().__call__(tokens)
-        return nn.Module.__call__(self, tokens, instruction, instruction_mask)
-
     def forward(self, tokens: Tensor, instruction: Tensor | None = None,
                 instruction_mask: Tensor | None = None) -> Tensor:
         """(B, N, D_in) image tokens, and with ``instruction_aware`` each image's instruction ids (B, T) with their
